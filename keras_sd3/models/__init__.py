@@ -1,0 +1,6 @@
+"""Models: the MMDiT, the VAE and the `StableDiffusion3Backbone` that ties them to the step API."""
+
+from keras_sd3.models.backbone import StableDiffusion3Backbone
+from keras_sd3.models.config import SD3_MEDIUM, SD3_VAE, SD35_LARGE, SD35_MEDIUM, MMDiTConfig, VAEConfig
+from keras_sd3.models.mmdit import MMDiT
+from keras_sd3.models.vae import VAE

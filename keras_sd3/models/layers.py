@@ -1,0 +1,148 @@
+"""Building blocks shared by the MMDiT and the VAE.
+
+Sub-layers are created and built in `__init__` (all sizes are known from the config), and named after
+the diffusers state-dict keys so that `keras_sd3.weights.assign.named_variables` finds every weight.
+Normalisations and softmax run in float32 whatever the compute dtype.
+"""
+
+import keras
+from keras import ops
+
+
+def dense(units, in_dim, dtype, use_bias=True):
+    """A built `keras.layers.Dense` mapping `in_dim` -> `units`."""
+    layer = keras.layers.Dense(units, use_bias=use_bias, dtype=dtype)
+    layer.build((None, in_dim))
+    return layer
+
+
+def conv(filters, in_channels, kernel_size, dtype, strides=1, padding="same"):
+    """A built channels-last `keras.layers.Conv2D`."""
+    layer = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, dtype=dtype)
+    layer.build((None, None, None, in_channels))
+    return layer
+
+
+def layer_norm(x, epsilon=1e-6):
+    """LayerNorm over the last axis without affine parameters, computed in float32."""
+    y = ops.layer_normalization(ops.cast(x, "float32"), epsilon=epsilon)
+    return ops.cast(y, x.dtype)
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation `x * (1 + scale) + shift` with (B, D) parameters broadcast over tokens."""
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class RMSNorm(keras.layers.Layer):
+    """RMS normalisation over the last axis with a learned `weight`, variance in float32."""
+
+    def __init__(self, dim, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
+        self.built = True
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        x32 = x32 * ops.rsqrt(ops.mean(ops.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return ops.cast(x32, self.compute_dtype) * self.weight
+
+
+class GroupNorm(keras.layers.Layer):
+    """GroupNorm over channels-last feature maps with affine `weight` / `bias`, in float32."""
+
+    def __init__(self, channels, groups, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.groups, self.epsilon = groups, epsilon
+        self.weight = self.add_weight(shape=(channels,), initializer="ones", name="weight")
+        self.bias = self.add_weight(shape=(channels,), initializer="zeros", name="bias")
+        self.built = True
+
+    def call(self, x):
+        shape = ops.shape(x)
+        grouped = ops.reshape(ops.cast(x, "float32"), (-1, shape[1], shape[2], self.groups, shape[3] // self.groups))
+        mean, variance = ops.moments(grouped, axes=(1, 2, 4), keepdims=True)
+        y = ops.reshape((grouped - mean) * ops.rsqrt(variance + self.epsilon), (-1, shape[1], shape[2], shape[3]))
+        y = y * ops.cast(self.weight, "float32") + ops.cast(self.bias, "float32")
+        return ops.cast(y, self.compute_dtype)
+
+
+class Modulation(keras.layers.Layer):
+    """adaLN parameters: `linear(silu(temb))` split into `count` (B, D) chunks."""
+
+    def __init__(self, dim, count, **kwargs):
+        super().__init__(**kwargs)
+        self.count = count
+        self.linear = dense(count * dim, dim, self.dtype_policy)
+        self.built = True
+
+    def call(self, temb):
+        return ops.split(self.linear(ops.silu(temb)), self.count, axis=-1)
+
+
+class FeedForward(keras.layers.Layer):
+    """Linear -> tanh-approximated GELU -> Linear (diffusers `FeedForward`, `net.0.proj` / `net.2`)."""
+
+    checkpoint_aliases = {"proj_in": "net.0.proj", "proj_out": "net.2"}
+
+    def __init__(self, dim, mult=4, **kwargs):
+        super().__init__(**kwargs)
+        self.proj_in = dense(mult * dim, dim, self.dtype_policy)
+        self.proj_out = dense(dim, mult * dim, self.dtype_policy)
+        self.built = True
+
+    def call(self, x):
+        return self.proj_out(ops.gelu(self.proj_in(x), approximate=True))
+
+
+class Attention(keras.layers.Layer):
+    """Multi-head attention, optionally joint over image tokens and a second (context) stream.
+
+    With `context_dim`, queries / keys / values of both streams are concatenated along the sequence
+    ([image; context]) and attended jointly, as in the MMDiT. `context_output=False` drops the
+    context's output projection (the last MMDiT block).
+
+    Args:
+        dim: width of the image stream.
+        heads, head_dim: attention heads.
+        qk_norm: RMS-normalise queries and keys per head (SD3.5).
+        context_dim: width of the context stream, or None for self-attention.
+        context_output: whether the context stream gets an output projection.
+    """
+
+    def __init__(self, dim, heads, head_dim, qk_norm=False, context_dim=None, context_output=True, **kwargs):
+        super().__init__(**kwargs)
+        self.heads, self.head_dim = heads, head_dim
+        inner, policy = heads * head_dim, self.dtype_policy
+        self.to_q, self.to_k, self.to_v = (dense(inner, dim, policy) for _ in range(3))
+        self.norm_q, self.norm_k = (RMSNorm(head_dim, dtype=policy) if qk_norm else None for _ in range(2))
+        self.to_out = [dense(dim, inner, policy)]
+        if context_dim is not None:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (dense(inner, context_dim, policy) for _ in range(3))
+            self.norm_added_q, self.norm_added_k = (
+                RMSNorm(head_dim, dtype=policy) if qk_norm else None for _ in range(2)
+            )
+            self.to_add_out = dense(context_dim, inner, policy) if context_output else None
+        self.built = True
+
+    def _heads(self, x, projection, norm):
+        x = ops.reshape(projection(x), (ops.shape(x)[0], -1, self.heads, self.head_dim))  # (B, T, N, H)
+        return x if norm is None else norm(x)
+
+    def call(self, x, context=None):
+        """Returns `(image_output, context_output)`; the latter is None without a context output."""
+        q = self._heads(x, self.to_q, self.norm_q)
+        k = self._heads(x, self.to_k, self.norm_k)
+        v = self._heads(x, self.to_v, None)
+        if context is not None:
+            q = ops.concatenate([q, self._heads(context, self.add_q_proj, self.norm_added_q)], axis=1)
+            k = ops.concatenate([k, self._heads(context, self.add_k_proj, self.norm_added_k)], axis=1)
+            v = ops.concatenate([v, self._heads(context, self.add_v_proj, None)], axis=1)
+        out = ops.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = ops.reshape(out, (ops.shape(out)[0], -1, self.heads * self.head_dim))
+        tokens = ops.shape(x)[1]
+        image_out = self.to_out[0](out[:, :tokens])
+        if context is None or self.to_add_out is None:
+            return image_out, None
+        return image_out, self.to_add_out(out[:, tokens:])

@@ -1,0 +1,164 @@
+"""The SD3 / SD3.5 MMDiT (Esser et al., 2024), channels-last, in `keras.ops`.
+
+Attribute names follow diffusers' `SD3Transformer2DModel` state dict, so diffusers checkpoints load
+without a key map. The SD3.5 differences are named options of the config: `qk_norm` (RMSNorm on
+queries and keys) and `dual_attention_layers` (MMDiT-X: an extra image-only attention in those blocks).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_sd3.models.layers import Attention, FeedForward, Modulation, conv, dense, layer_norm, modulate
+
+
+def timestep_sinusoid(timestep, dim=256, max_period=10000.0):
+    """Sinusoidal timestep features in [cos, sin] order (diffusers `flip_sin_to_cos=True`), float32."""
+    half = dim // 2
+    freqs = ops.exp(-math.log(max_period) * ops.arange(half, dtype="float32") / half)
+    args = ops.cast(timestep, "float32")[:, None] * freqs[None, :]  # (B, half)
+    return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+class PatchEmbed(keras.layers.Layer):
+    """Patchify (2x2 conv) plus the centre crop of the stored P x P position table."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.size, dim = config.pos_embed_max_size, config.hidden_size
+        self.proj = conv(dim, config.in_channels, config.patch_size, self.dtype_policy, config.patch_size, "valid")
+        self.pos_embed = self.add_weight(
+            shape=(1, self.size * self.size, dim), initializer="zeros", trainable=False, name="pos_embed"
+        )
+        self.built = True
+
+    def call(self, latents):
+        x = self.proj(latents)  # (B, h, w, D)
+        _, h, w, dim = ops.shape(x)
+        top, left = (self.size - h) // 2, (self.size - w) // 2
+        table = ops.reshape(self.pos_embed, (self.size, self.size, dim))
+        pos = ops.reshape(table[top : top + h, left : left + w], (1, h * w, dim))
+        return ops.reshape(x, (-1, h * w, dim)) + ops.cast(pos, x.dtype)
+
+
+class MLPEmbedder(keras.layers.Layer):
+    """Linear -> SiLU -> Linear (`linear_1`, `linear_2`)."""
+
+    def __init__(self, in_dim, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.linear_1 = dense(dim, in_dim, self.dtype_policy)
+        self.linear_2 = dense(dim, dim, self.dtype_policy)
+        self.built = True
+
+    def call(self, x):
+        return self.linear_2(ops.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(keras.layers.Layer):
+    """`temb = MLP(sinusoid(t)) + MLP(pooled text)`."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.timestep_embedder = MLPEmbedder(256, config.hidden_size, dtype=self.dtype_policy)
+        self.text_embedder = MLPEmbedder(config.pooled_projection_dim, config.hidden_size, dtype=self.dtype_policy)
+        self.built = True
+
+    def call(self, timestep, pooled):
+        t = ops.cast(timestep_sinusoid(timestep), self.compute_dtype)
+        return self.timestep_embedder(t) + self.text_embedder(pooled)
+
+
+class JointBlock(keras.layers.Layer):
+    """One MMDiT block: adaLN-modulated joint attention and MLPs for the image and context streams.
+
+    The last block (`context_pre_only`) only updates the image stream; a dual-attention block
+    (MMDiT-X) adds `attn2`, an image-only attention on the same normed input with its own modulation.
+    """
+
+    def __init__(self, config, index, **kwargs):
+        super().__init__(**kwargs)
+        dim, policy = config.hidden_size, self.dtype_policy
+        self.is_last = index == config.num_layers - 1
+        self.is_dual = index in config.dual_attention_layers
+        heads = (config.num_attention_heads, config.attention_head_dim, config.qk_norm)
+        self.norm1 = Modulation(dim, 9 if self.is_dual else 6, dtype=policy)
+        self.norm1_context = Modulation(dim, 2 if self.is_last else 6, dtype=policy)
+        self.attn = Attention(dim, *heads, context_dim=dim, context_output=not self.is_last, dtype=policy)
+        self.attn2 = Attention(dim, *heads, dtype=policy) if self.is_dual else None
+        self.ff = FeedForward(dim, dtype=policy)
+        self.ff_context = None if self.is_last else FeedForward(dim, dtype=policy)
+        self.built = True
+
+    def call(self, x, context, temb):
+        """Returns the updated `(x, context)`; context is None after the last block."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *dual = self.norm1(temb)
+        normed = layer_norm(x)
+        c_mod = self.norm1_context(temb)
+        if self.is_last:
+            c_scale, c_shift = c_mod  # diffusers' AdaLayerNormContinuous order
+            c_attn_in = modulate(layer_norm(context), c_shift, c_scale)
+        else:
+            c_attn_in = modulate(layer_norm(context), c_mod[0], c_mod[1])
+        attn, c_attn = self.attn(modulate(normed, shift_msa, scale_msa), c_attn_in)
+        x = x + gate_msa[:, None] * attn
+        if self.is_dual:
+            shift_msa2, scale_msa2, gate_msa2 = dual
+            x = x + gate_msa2[:, None] * self.attn2(modulate(normed, shift_msa2, scale_msa2))[0]
+        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        if self.is_last:
+            return x, None
+        _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
+        context = context + c_gate_msa[:, None] * c_attn
+        context = context + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(context), c_shift_mlp, c_scale_mlp))
+        return x, context
+
+
+class MMDiT(keras.layers.Layer):
+    """The SD3 diffusion transformer: predicts the flow-matching velocity.
+
+    Args:
+        config: an `MMDiTConfig`.
+
+    Call args:
+        latents: (B, H, W, C) latents, H and W multiples of the patch size, H / p and W / p at most P.
+        context: (B, S, joint_attention_dim) text tokens.
+        pooled: (B, pooled_projection_dim) pooled text embedding.
+        timestep: (B,) timesteps, `1000 * sigma`.
+        skip_layers: indices of blocks to skip (skip-layer guidance).
+
+    Returns:
+        (B, H, W, out_channels) velocity, in the compute dtype.
+    """
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.config, policy = config, self.dtype_policy
+        dim = config.hidden_size
+        self.pos_embed = PatchEmbed(config, dtype=policy)
+        self.time_text_embed = TimeTextEmbed(config, dtype=policy)
+        self.context_embedder = dense(dim, config.joint_attention_dim, policy)
+        self.transformer_blocks = [JointBlock(config, i, dtype=policy) for i in range(config.num_layers)]
+        self.norm_out = Modulation(dim, 2, dtype=policy)
+        self.proj_out = dense(config.patch_size**2 * config.out_channels, dim, policy)
+        self.built = True
+
+    def call(self, latents, context, pooled, timestep, skip_layers=()):
+        _, height, width, _ = ops.shape(latents)
+        p, limit = self.config.patch_size, self.config.pos_embed_max_size
+        if height % p or width % p or height // p > limit or width // p > limit:
+            raise ValueError(
+                f"Latents of size {height}x{width} do not fit this MMDiT: height and width must be "
+                f"multiples of {p} and at most {p * limit} (position table of {limit}x{limit})."
+            )
+        x = self.pos_embed(latents)  # (B, N, D)
+        temb = self.time_text_embed(timestep, pooled)  # (B, D)
+        context = self.context_embedder(context)  # (B, S, D)
+        for index, block in enumerate(self.transformer_blocks):
+            if index not in skip_layers:
+                x, context = block(x, context, temb)
+        scale, shift = self.norm_out(temb)
+        x = self.proj_out(modulate(layer_norm(x), shift, scale))  # (B, N, p * p * C), ordered (p, q, c)
+        x = ops.reshape(x, (-1, height // p, width // p, p, p, self.config.out_channels))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, p, w, q, C)
+        return ops.reshape(x, (-1, height, width, self.config.out_channels))

@@ -1,0 +1,5 @@
+"""Checkpoint reading: safetensors files, key maps and strict assignment to Keras variables."""
+
+from keras_sd3.weights.assign import load_layer_weights, named_variables
+from keras_sd3.weights.checkpoint import Checkpoint, open_checkpoint
+from keras_sd3.weights.safetensors_file import CheckpointError

@@ -1,0 +1,104 @@
+"""Strict assignment of checkpoint tensors to Keras variables.
+
+Every layer of keras_sd3 names its sub-layers after the diffusers state-dict keys (`transformer_blocks`,
+`attn`, `to_q`, `norm1_context`, ...), so the key of each variable is derived from the attribute path
+alone, as `torch.nn.Module.named_parameters()` would: no per-model mapping table is needed for diffusers
+checkpoints. A layer may rename an attribute through a class dict `checkpoint_aliases`
+(e.g. `{"proj_in": "net.0.proj"}`).
+"""
+
+import keras
+import numpy as np
+
+from keras_sd3.weights.safetensors_file import CheckpointError
+
+
+def _torch_linear(weight):
+    return weight.T  # (out, in) -> (in, out)
+
+
+def _torch_conv(weight):
+    return weight.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
+
+
+def _torch_shape(keras_shape, transform):
+    """The PyTorch-layout shape of a Keras variable of shape `keras_shape`."""
+    if transform is _torch_linear:
+        return tuple(reversed(keras_shape))
+    if transform is _torch_conv:
+        return tuple(keras_shape[i] for i in (3, 2, 0, 1))
+    return tuple(keras_shape)
+
+
+def named_variables(layer, prefix=""):
+    """Yields `(key, variable, transform)` for each weight of `layer`, keyed as in diffusers.
+
+    `transform` maps the stored (PyTorch-layout) array to the Keras layout, or is None.
+    """
+    if isinstance(layer, keras.layers.Conv2D):
+        yield prefix + "weight", layer.kernel, _torch_conv
+        if layer.bias is not None:
+            yield prefix + "bias", layer.bias, None
+        return
+    if isinstance(layer, keras.layers.Dense):
+        yield prefix + "weight", layer.kernel, _torch_linear
+        if layer.bias is not None:
+            yield prefix + "bias", layer.bias, None
+        return
+    aliases = getattr(layer, "checkpoint_aliases", {})
+    for attr, value in vars(layer).items():
+        if attr.startswith("_"):
+            continue
+        key = prefix + aliases.get(attr, attr)
+        if isinstance(value, keras.Variable):
+            yield key, value, None
+        elif isinstance(value, keras.layers.Layer):
+            yield from named_variables(value, key + ".")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, keras.layers.Layer):
+                    yield from named_variables(item, f"{key}.{i}.")
+
+
+def _describe(keys, limit=5):
+    keys = sorted(keys)
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(f"'{k}'" for k in keys[:limit]) + more
+
+
+def load_layer_weights(layer, source, what="checkpoint"):
+    """Copies every tensor of `source` into `layer`, strictly.
+
+    Args:
+        layer: a built keras_sd3 layer.
+        source: a `TensorSource` keyed like `named_variables(layer)`.
+        what: a name for the checkpoint part, used in error messages.
+
+    Raises:
+        CheckpointError: a tensor is missing, unexpected, or of the wrong shape. Shapes are checked
+            for all tensors before any is read.
+    """
+    expected = {key: (var, transform) for key, var, transform in named_variables(layer)}
+    missing = set(expected) - set(source.keys())
+    unexpected = set(source.keys()) - set(expected)
+    if missing:
+        raise CheckpointError(
+            f"The {what} is missing {len(missing)} tensor(s) the model needs: {_describe(missing)}. "
+            "Is it the right checkpoint for this model?"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"The {what} has {len(unexpected)} tensor(s) this model does not use: "
+            f"{_describe(unexpected)}. Is it the right checkpoint for this model?"
+        )
+    for key, (var, transform) in expected.items():
+        stored, wanted = tuple(source.shapes[key]), _torch_shape(tuple(var.shape), transform)
+        if stored != wanted:
+            raise CheckpointError(
+                f"Tensor '{key}' in the {what} has shape {stored}, but the model expects {wanted}."
+            )
+    for key, (var, transform) in expected.items():
+        value = source.read(key)
+        if transform is not None:
+            value = transform(value)
+        var.assign(np.ascontiguousarray(value).astype(var.dtype))

@@ -1,0 +1,167 @@
+"""Key maps from the original single-file SD3 / SD3.5 checkpoints to diffusers names (SPEC §2.2, §6).
+
+Each map is a table of `(pattern, targets, transform)`: the first rule whose regex matches an original
+key renames it to each target (a `re` replacement template); `transform` rewrites the tensor (split a
+fused qkv into q / k / v, swap adaLN halves, squeeze 1x1 convs). Reading stays lazy: a renamed source
+reads the original tensor only when the renamed one is asked for.
+"""
+
+import re
+
+import numpy as np
+
+from keras_sd3.models.config import MMDiTConfig, VAEConfig
+from keras_sd3.weights.safetensors_file import CheckpointError, TensorSource
+
+_COPY = (lambda shape: tuple(shape), lambda a: a)
+_SWAP_HALVES = (lambda shape: tuple(shape), lambda a: np.concatenate(np.split(a, 2, axis=0)[::-1], axis=0))
+_SQUEEZE_1X1 = (lambda shape: tuple(shape[:2]), lambda a: a.reshape(a.shape[:2]))  # 1x1 conv -> Linear
+
+
+def _row_part(index, parts):
+    def shape_fn(shape):
+        return (shape[0] // parts, *shape[1:])
+
+    def array_fn(a):
+        rows = a.shape[0] // parts
+        return a[index * rows : (index + 1) * rows]
+
+    return shape_fn, array_fn
+
+
+def _qkv(prefix, names):
+    """A rule splitting a fused `{prefix}.qkv` into three diffusers projections."""
+    return prefix + r"\.qkv\.(weight|bias)", names, "qkv"
+
+
+def mmdit_rules(last_block):
+    """The MMDiT key map; the last block's context adaLN has (shift, scale) swapped to diffusers order."""
+    blk, out = r"joint_blocks\.(\d+)\.", r"transformer_blocks.\1."
+    return [
+        (r"pos_embed", ["pos_embed.pos_embed"], _COPY),
+        (r"x_embedder\.proj\.(weight|bias)", [r"pos_embed.proj.\1"], _COPY),
+        (r"t_embedder\.mlp\.0\.(weight|bias)", [r"time_text_embed.timestep_embedder.linear_1.\1"], _COPY),
+        (r"t_embedder\.mlp\.2\.(weight|bias)", [r"time_text_embed.timestep_embedder.linear_2.\1"], _COPY),
+        (r"y_embedder\.mlp\.0\.(weight|bias)", [r"time_text_embed.text_embedder.linear_1.\1"], _COPY),
+        (r"y_embedder\.mlp\.2\.(weight|bias)", [r"time_text_embed.text_embedder.linear_2.\1"], _COPY),
+        (r"context_embedder\.(weight|bias)", [r"context_embedder.\1"], _COPY),
+        _qkv(blk + r"x_block\.attn", [out + f"attn.to_{n}.\\2" for n in "qkv"]),
+        _qkv(blk + r"context_block\.attn", [out + f"attn.add_{n}_proj.\\2" for n in "qkv"]),
+        _qkv(blk + r"x_block\.attn2", [out + f"attn2.to_{n}.\\2" for n in "qkv"]),
+        (blk + r"x_block\.attn\.ln_(q|k)\.weight", [out + r"attn.norm_\2.weight"], _COPY),
+        (blk + r"context_block\.attn\.ln_(q|k)\.weight", [out + r"attn.norm_added_\2.weight"], _COPY),
+        (blk + r"x_block\.attn2\.ln_(q|k)\.weight", [out + r"attn2.norm_\2.weight"], _COPY),
+        (blk + r"x_block\.attn\.proj\.(weight|bias)", [out + r"attn.to_out.0.\2"], _COPY),
+        (blk + r"x_block\.attn2\.proj\.(weight|bias)", [out + r"attn2.to_out.0.\2"], _COPY),
+        (blk + r"context_block\.attn\.proj\.(weight|bias)", [out + r"attn.to_add_out.\2"], _COPY),
+        (blk + r"x_block\.adaLN_modulation\.1\.(weight|bias)", [out + r"norm1.linear.\2"], _COPY),
+        (
+            rf"joint_blocks\.({last_block})\.context_block\.adaLN_modulation\.1\.(weight|bias)",
+            [out + r"norm1_context.linear.\2"],
+            _SWAP_HALVES,
+        ),
+        (blk + r"context_block\.adaLN_modulation\.1\.(weight|bias)", [out + r"norm1_context.linear.\2"], _COPY),
+        (blk + r"x_block\.mlp\.fc1\.(weight|bias)", [out + r"ff.net.0.proj.\2"], _COPY),
+        (blk + r"x_block\.mlp\.fc2\.(weight|bias)", [out + r"ff.net.2.\2"], _COPY),
+        (blk + r"context_block\.mlp\.fc1\.(weight|bias)", [out + r"ff_context.net.0.proj.\2"], _COPY),
+        (blk + r"context_block\.mlp\.fc2\.(weight|bias)", [out + r"ff_context.net.2.\2"], _COPY),
+        (r"final_layer\.linear\.(weight|bias)", [r"proj_out.\1"], _COPY),
+        (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", [r"norm_out.linear.\1"], _SWAP_HALVES),
+    ]
+
+
+def vae_rules(num_levels):
+    """The VAE key map; decoder levels are stored in reverse order in the original layout."""
+    resnet = r"\.(norm1|conv1|norm2|conv2)\.(weight|bias)"
+    rules = [(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", [r"\1.\2.\3"], _COPY)]
+    rules.append((r"(encoder|decoder)\.norm_out\.(weight|bias)", [r"\1.conv_norm_out.\2"], _COPY))
+    rules.append((r"(encoder|decoder)\.mid\.block_1\.(.*)", [r"\1.mid_block.resnets.0.\2"], _COPY))
+    rules.append((r"(encoder|decoder)\.mid\.block_2\.(.*)", [r"\1.mid_block.resnets.1.\2"], _COPY))
+    attn = r"(encoder|decoder)\.mid\.attn_1\."
+    rules.append((attn + r"norm\.(weight|bias)", [r"\1.mid_block.attentions.0.group_norm.\2"], _COPY))
+    for original, name in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+        rules.append((attn + original + r"\.weight", [rf"\1.mid_block.attentions.0.{name}.weight"], _SQUEEZE_1X1))
+        rules.append((attn + original + r"\.bias", [rf"\1.mid_block.attentions.0.{name}.bias"], _COPY))
+    for level in range(num_levels):
+        up = num_levels - 1 - level
+        rules += [
+            (rf"encoder\.down\.{level}\.block\.(\d+){resnet}", [rf"encoder.down_blocks.{level}.resnets.\1.\2.\3"], _COPY),
+            (rf"encoder\.down\.{level}\.block\.(\d+)\.nin_shortcut\.(weight|bias)",
+             [rf"encoder.down_blocks.{level}.resnets.\1.conv_shortcut.\2"], _COPY),
+            (rf"encoder\.down\.{level}\.downsample\.conv\.(weight|bias)",
+             [rf"encoder.down_blocks.{level}.downsamplers.0.conv.\1"], _COPY),
+            (rf"decoder\.up\.{level}\.block\.(\d+){resnet}", [rf"decoder.up_blocks.{up}.resnets.\1.\2.\3"], _COPY),
+            (rf"decoder\.up\.{level}\.block\.(\d+)\.nin_shortcut\.(weight|bias)",
+             [rf"decoder.up_blocks.{up}.resnets.\1.conv_shortcut.\2"], _COPY),
+            (rf"decoder\.up\.{level}\.upsample\.conv\.(weight|bias)",
+             [rf"decoder.up_blocks.{up}.upsamplers.0.conv.\1"], _COPY),
+        ]
+    return rules
+
+
+def rename(source, rules, what):
+    """Applies a key map to a `TensorSource`; an original key no rule matches is an error."""
+    shapes, readers = {}, {}
+    compiled = [(re.compile(p), targets, t) for p, targets, t in rules]
+    for key in source.keys():
+        for pattern, targets, transform in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                break
+        else:
+            raise CheckpointError(f"The {what} has a tensor this model does not use: '{key}'.")
+        if transform == "qkv":
+            parts = [_row_part(i, 3) for i in range(3)]
+        else:
+            parts = [transform] * len(targets)
+        for target, (shape_fn, array_fn) in zip(targets, parts):
+            name = match.expand(target)
+            shapes[name] = shape_fn(source.shapes[key])
+            readers[name] = lambda key=key, array_fn=array_fn: array_fn(source.read(key))
+    return TensorSource(shapes, readers)
+
+
+def _require(source, key, what):
+    if key not in source:
+        raise CheckpointError(f"The {what} is not an SD3 / SD3.5 checkpoint: tensor '{key}' is missing.")
+    return source.shapes[key]
+
+
+def infer_mmdit_config(source):
+    """Infers the MMDiT variant from original-layout tensor names and shapes (SPEC §1.3)."""
+    what = "MMDiT in this checkpoint (prefix 'model.diffusion_model.')"
+    dim, in_channels, patch, _ = _require(source, "x_embedder.proj.weight", what)
+    table = _require(source, "pos_embed", what)
+    blocks = {int(k.split(".")[1]) for k in source.keys() if k.startswith("joint_blocks.")}
+    if not blocks:
+        raise CheckpointError(f"The {what} has no 'joint_blocks.*' tensors.")
+    heads = dim // 64
+    return MMDiTConfig(
+        num_layers=max(blocks) + 1,
+        num_attention_heads=heads,
+        attention_head_dim=64,
+        patch_size=patch,
+        in_channels=in_channels,
+        out_channels=_require(source, "final_layer.linear.weight", what)[0] // patch**2,
+        joint_attention_dim=_require(source, "context_embedder.weight", what)[1],
+        caption_projection_dim=dim,
+        pooled_projection_dim=_require(source, "y_embedder.mlp.0.weight", what)[1],
+        pos_embed_max_size=int(round(table[1] ** 0.5)),
+        qk_norm=any(".ln_q." in k for k in source.keys()),
+        dual_attention_layers=tuple(sorted(b for b in blocks if f"joint_blocks.{b}.x_block.attn2.qkv.weight" in source)),
+    )
+
+
+def infer_vae_config(source):
+    """Infers the VAE layout from original-layout tensors; constants are SD3's (SPEC §1.4)."""
+    what = "VAE in this checkpoint (prefix 'first_stage_model.')"
+    levels = sorted({int(k.split(".")[2]) for k in source.keys() if k.startswith("encoder.down.")})
+    if not levels:
+        raise CheckpointError(f"The {what} has no 'encoder.down.*' tensors.")
+    channels = tuple(_require(source, f"encoder.down.{i}.block.0.conv2.weight", what)[0] for i in levels)
+    per_block = len({k.split(".")[4] for k in source.keys() if k.startswith("encoder.down.0.block.")})
+    return VAEConfig(
+        block_out_channels=channels,
+        layers_per_block=per_block,
+        latent_channels=_require(source, "decoder.conv_in.weight", what)[1],
+    )
