@@ -90,7 +90,7 @@ class StableDiffusion3Backbone(keras.Model):
 
     def predict_velocity(self, latents, context, pooled, sigma, skip_layers=()):
         """MMDiT velocity (float32) at noise level `sigma` (a scalar) for a batch of latents."""
-        timestep = ops.broadcast_to(sampling.NUM_TRAIN_TIMESTEPS * ops.cast(sigma, "float32"), ops.shape(latents)[:1])
+        timestep = ops.broadcast_to(sampling.sigma_to_timestep(sigma), ops.shape(latents)[:1])
         dtype = self.compute_dtype
         velocity = self.diffuser(
             ops.cast(latents, dtype), ops.cast(context, dtype), ops.cast(pooled, dtype), timestep, skip_layers=skip_layers

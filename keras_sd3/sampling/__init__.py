@@ -6,5 +6,6 @@ from keras_sd3.sampling.flow_match import (
     euler_step,
     shift_sigma,
     sigma,
+    sigma_to_timestep,
     timestep,
 )

@@ -32,13 +32,18 @@ def sigma(step, num_steps, shift=DEFAULT_SHIFT):
     sigma_max = shift_sigma(1.0, shift)
     sigma_min = shift_sigma(1.0 / NUM_TRAIN_TIMESTEPS, shift)
     fraction = step / ops.maximum(num_steps - 1.0, 1.0)
-    linear = sigma_max + (sigma_min - sigma_max) * fraction  # diffusers' linspace, already shifted once
+    linear = sigma_max * (1.0 - fraction) + sigma_min * fraction  # diffusers' linspace, already shifted once
     return ops.where(step >= num_steps, 0.0, shift_sigma(linear, shift))
 
 
+def sigma_to_timestep(sigma_value):
+    """The MMDiT timestep input for a noise level: `1000 * sigma`, float32."""
+    return NUM_TRAIN_TIMESTEPS * ops.cast(sigma_value, "float32")
+
+
 def timestep(step, num_steps, shift=DEFAULT_SHIFT):
-    """The MMDiT timestep input `1000 * sigma(step, num_steps)`."""
-    return NUM_TRAIN_TIMESTEPS * sigma(step, num_steps, shift)
+    """The MMDiT timestep input before step `step` of `num_steps`."""
+    return sigma_to_timestep(sigma(step, num_steps, shift))
 
 
 def euler_step(latents, velocity, sigma_now, sigma_next):
