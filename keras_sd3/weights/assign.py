@@ -46,9 +46,12 @@ def named_variables(layer, prefix=""):
             yield prefix + "bias", layer.bias, None
         return
     aliases = getattr(layer, "checkpoint_aliases", {})
-    for attr, value in vars(layer).items():
+    # On the torch backend, sub-layers are torch modules and live in `_modules`, not `__dict__`.
+    attrs = dict.fromkeys([*vars(layer), *getattr(layer, "_modules", {})])
+    for attr in attrs:
         if attr.startswith("_"):
             continue
+        value = getattr(layer, attr)
         key = prefix + aliases.get(attr, attr)
         if isinstance(value, keras.Variable):
             yield key, value, None
