@@ -1,0 +1,133 @@
+"""One classifier-free-guidance step of the MMDiT at the SD3-Medium shape: keras_sd3 vs diffusers.
+
+Random weights, 24 layers, hidden 1536, 512 x 512 image (64 x 64 latents -> 1024 image tokens),
+154 context tokens (77 CLIP + 77 T5 / zero tokens), batch 2 (positive + negative). Each keras_sd3
+backend runs in its own process (the Keras backend is fixed per process); diffusers runs in this one.
+Prints seconds per step (median of --repeats after one warm-up) and the ratio to diffusers.
+
+Usage:
+    python benchmarks/mmdit_step.py [--dtypes float32 bfloat16] [--backends jax torch tensorflow]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BATCH, LATENT, TOKENS = 2, 64, 154
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((BATCH, LATENT, LATENT, 16)).astype("float32"),
+        rng.standard_normal((BATCH, TOKENS, 4096)).astype("float32"),
+        rng.standard_normal((BATCH, 2048)).astype("float32"),
+        np.full((BATCH,), 500.0, "float32"),
+    )
+
+
+def timed(function, repeats):
+    function()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_diffusers(dtype, repeats):
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch_dtype = getattr(torch, dtype)
+    model = SD3Transformer2DModel(pos_embed_max_size=192, sample_size=128).to(torch_dtype).eval()
+    latents, context, pooled, timestep = (torch.from_numpy(x) for x in inputs())
+    latents = latents.permute(0, 3, 1, 2).to(torch_dtype)
+    context, pooled = context.to(torch_dtype), pooled.to(torch_dtype)
+
+    def step():
+        with torch.no_grad():
+            model(hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep)
+
+    return timed(step, repeats)
+
+
+def keras_step_function(backbone, dtype):
+    """The compiled forward pass as a user would run it on each backend."""
+    import keras
+
+    latents, context, pooled, timestep = inputs()
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def forward(state, *args):
+            mapping = zip(backbone.diffuser.variables, state)
+            with keras.StatelessScope(state_mapping=mapping):
+                return backbone.diffuser(*args)
+
+        state = [v.value for v in backbone.diffuser.variables]
+        return lambda: forward(state, latents, context, pooled, timestep).block_until_ready()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(backbone.diffuser, jit_compile=True)
+        return lambda: forward(latents, context, pooled, timestep).numpy()
+    import torch
+
+    def forward():
+        with torch.no_grad():
+            return backbone.diffuser(latents, context, pooled, timestep).cpu()
+
+    return forward
+
+
+def run_keras_worker(dtype, repeats):
+    from keras_sd3.models import SD3_MEDIUM, SD3_VAE, StableDiffusion3Backbone
+
+    backbone = StableDiffusion3Backbone(SD3_MEDIUM, SD3_VAE, image_shape=(512, 512, 3), dtype=dtype)
+    return timed(keras_step_function(backbone, dtype), repeats)
+
+
+def run_keras(backend, dtype, repeats):
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    command = [sys.executable, __file__, "--worker", "--dtypes", dtype, "--repeats", str(repeats)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        return None, result.stderr.strip().splitlines()[-1]
+    return json.loads(result.stdout.strip().splitlines()[-1])["seconds"], ""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--backends", nargs="+", default=["jax", "torch", "tensorflow"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps({"seconds": run_keras_worker(args.dtypes[0], args.repeats)}))
+        return
+    print("| dtype | implementation | s / CFG step | ratio to diffusers |")
+    print("|---|---|---|---|")
+    for dtype in args.dtypes:
+        reference = run_diffusers(dtype, args.repeats)
+        print(f"| {dtype} | diffusers (torch eager) | {reference:.2f} | 1.00 |", flush=True)
+        for backend in args.backends:
+            seconds, error = run_keras(backend, dtype, args.repeats)
+            if seconds is None:
+                print(f"| {dtype} | keras_sd3 {backend} | failed: {error} | |", flush=True)
+            else:
+                print(f"| {dtype} | keras_sd3 {backend} | {seconds:.2f} | {seconds / reference:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
