@@ -20,6 +20,11 @@ import time
 import numpy as np
 
 BATCH, LATENT, TOKENS = 2, 64, 154
+# diffusers' defaults are not SD3 Medium (18 layers, hidden 1152): spell the real config out.
+SD3_MEDIUM_DIFFUSERS = dict(
+    sample_size=128, num_layers=24, num_attention_heads=24, attention_head_dim=64,
+    caption_projection_dim=1536, joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192,
+)
 
 
 def inputs(seed=0):
@@ -47,7 +52,7 @@ def run_diffusers(dtype, repeats):
     from diffusers import SD3Transformer2DModel
 
     torch_dtype = getattr(torch, dtype)
-    model = SD3Transformer2DModel(pos_embed_max_size=192, sample_size=128).to(torch_dtype).eval()
+    model = SD3Transformer2DModel(**SD3_MEDIUM_DIFFUSERS).to(torch_dtype).eval()
     latents, context, pooled, timestep = (torch.from_numpy(x) for x in inputs())
     latents = latents.permute(0, 3, 1, 2).to(torch_dtype)
     context, pooled = context.to(torch_dtype), pooled.to(torch_dtype)

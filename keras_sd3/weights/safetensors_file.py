@@ -1,9 +1,10 @@
-"""Lazy, memory-mapped reading of `.safetensors` files (single or sharded).
+"""Lazy reading of `.safetensors` files (single or sharded), one tensor at a time.
 
 The header is parsed here rather than through `safetensors.safe_open(framework="numpy")` because
 numpy has no bfloat16 / float8 and the real SD3.5 checkpoints are stored in those types; `ml_dtypes`
-provides them. Tensors are read one at a time from a memory map, so loading never holds more than the
-model plus one tensor in memory. Nothing here can execute code from the file (no pickle).
+provides them. Tensors are read one at a time with plain file reads (no memory map, whose pages would
+count against the process), so loading never holds more than the model plus one tensor in memory.
+Nothing here can execute code from the file (no pickle).
 """
 
 import json
@@ -52,8 +53,8 @@ class TensorSource:
         return key in self.shapes
 
     def read(self, key):
-        """Returns the tensor `key` as a numpy array (a copy, in its stored dtype)."""
-        return np.array(self._readers[key]())
+        """Returns the tensor `key` as a new numpy array, in its stored dtype."""
+        return self._readers[key]()
 
     def subset(self, prefix):
         """Returns the tensors whose names start with `prefix`, with the prefix removed."""
@@ -102,7 +103,7 @@ def _entry(path, name, info, data_start, size):
 
 
 def open_safetensors(path):
-    """Opens one `.safetensors` file as a `TensorSource` (memory-mapped, nothing read yet).
+    """Opens one `.safetensors` file as a `TensorSource` (only the header is read now).
 
     Raises:
         CheckpointError: the file is missing, truncated or not in safetensors format.
@@ -111,14 +112,16 @@ def open_safetensors(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint file not found: {path}")
     header, data_start, size = _read_header(path)
-    memory = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
     shapes, readers = {}, {}
     for name, info in header.items():
         shape, dtype, offset = _entry(path, name, info, data_start, size)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
 
-        def reader(offset=offset, nbytes=nbytes, dtype=dtype, shape=shape):
-            return memory[offset : offset + nbytes].view(dtype).reshape(shape)
+        def reader(offset=offset, dtype=dtype, shape=shape):
+            array = np.empty(shape, dtype)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+            return array
 
         shapes[name], readers[name] = shape, reader
     return TensorSource(shapes, readers)

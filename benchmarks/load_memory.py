@@ -1,0 +1,90 @@
+"""Peak memory of `StableDiffusion3Backbone.from_preset` on an SD3-Medium-shaped checkpoint.
+
+Writes a diffusers folder with random SD3-Medium weights in float16 (transformer 4.2 GB + VAE 0.17 GB)
+once, then loads it in a fresh process per backend and reports the peak resident memory added by
+`from_preset` (model construction + loading) relative to the size of the weights.
+
+Usage:
+    python benchmarks/load_memory.py [--folder /tmp/sd3m_random] [--backends jax torch tensorflow]
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+
+from mmdit_step import SD3_MEDIUM_DIFFUSERS  # noqa: E402  (same folder)
+
+
+def write_checkpoint(folder):
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    if os.path.isdir(os.path.join(folder, "vae")):
+        return
+    transformer = SD3Transformer2DModel(**SD3_MEDIUM_DIFFUSERS).to(torch.float16)
+    transformer.save_pretrained(os.path.join(folder, "transformer"))
+    del transformer
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).to(torch.float16)
+    vae.save_pretrained(os.path.join(folder, "vae"))
+
+
+def folder_bytes(folder):
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.endswith(".safetensors")
+    )
+
+
+def worker(folder):
+    import keras  # noqa: F401  (the backend's own memory is the baseline)
+
+    from keras_sd3.models import StableDiffusion3Backbone
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    StableDiffusion3Backbone.from_preset(folder, image_shape=(512, 512, 3), dtype="float16")
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(after - before)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", default="/tmp/sd3m_random_fp16")
+    parser.add_argument("--backends", nargs="+", default=["jax", "torch", "tensorflow"])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.folder)
+        return
+    write_checkpoint(args.folder)
+    weights = folder_bytes(args.folder)
+    print(f"weights on disk (float16): {weights / 2**30:.2f} GiB")
+    print("| backend | peak RSS added by from_preset | ratio to weights |")
+    print("|---|---|---|")
+    for backend in args.backends:
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        result = subprocess.run(
+            [sys.executable, __file__, "--worker", "--folder", args.folder], env=env, capture_output=True, text=True
+        )
+        if result.returncode:
+            print(f"| {backend} | failed: {result.stderr.strip().splitlines()[-1]} | |", flush=True)
+            continue
+        added = int(result.stdout.strip().splitlines()[-1])
+        print(f"| {backend} | {added / 2**30:.2f} GiB | {added / weights:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
