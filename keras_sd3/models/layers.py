@@ -8,10 +8,19 @@ Normalisations and softmax run in float32 whatever the compute dtype.
 import keras
 from keras import ops
 
+from keras_sd3.backend import linear
+
+
+class Linear(keras.layers.Dense):
+    """A `keras.layers.Dense` (same variables) whose product goes through `keras_sd3.backend.linear`."""
+
+    def call(self, inputs):
+        return linear(inputs, self.kernel, self.bias)
+
 
 def dense(units, in_dim, dtype, use_bias=True):
-    """A built `keras.layers.Dense` mapping `in_dim` -> `units`."""
-    layer = keras.layers.Dense(units, use_bias=use_bias, dtype=dtype)
+    """A built `Linear` mapping `in_dim` -> `units`."""
+    layer = Linear(units, use_bias=use_bias, dtype=dtype)
     layer.build((None, in_dim))
     return layer
 
