@@ -6,7 +6,7 @@ backend runs in its own process (the Keras backend is fixed per process); diffus
 Prints seconds per step (median of --repeats after one warm-up) and the ratio to diffusers.
 
 Usage:
-    python benchmarks/mmdit_step.py [--dtypes float32 bfloat16] [--backends jax torch tensorflow]
+    python benchmarks/mmdit_step.py [--dtypes float32 bfloat16] [--backends jax torch tensorflow] [--keras-hub]
 """
 
 import argparse
@@ -95,16 +95,37 @@ def keras_step_function(backbone, dtype):
     return forward
 
 
-def run_keras_worker(dtype, repeats):
+def keras_hub_step_function(dtype):
+    """keras-hub's MMDiT (if installed) at the same shape, jitted the same way."""
+    import jax
+    import keras
+    from keras_hub.src.models.stable_diffusion_3.mmdit import MMDiT
+
+    model = MMDiT(2, 1536, 24, 24, 192, latent_shape=(LATENT, LATENT, 16), context_shape=(TOKENS, 4096), dtype=dtype)
+    latents, context, pooled, timestep = inputs()
+    feed = {"latent": latents, "context": context, "pooled_projection": pooled, "timestep": timestep[:, None]}
+
+    @jax.jit
+    def forward(state, feed):
+        with keras.StatelessScope(state_mapping=zip(model.variables, state)):
+            return model(feed)
+
+    state = [v.value for v in model.variables]
+    return lambda: forward(state, feed).block_until_ready()
+
+
+def run_keras_worker(implementation, dtype, repeats):
+    if implementation == "keras_hub":
+        return timed(keras_hub_step_function(dtype), repeats)
     from keras_sd3.models import SD3_MEDIUM, SD3_VAE, StableDiffusion3Backbone
 
     backbone = StableDiffusion3Backbone(SD3_MEDIUM, SD3_VAE, image_shape=(512, 512, 3), dtype=dtype)
     return timed(keras_step_function(backbone, dtype), repeats)
 
 
-def run_keras(backend, dtype, repeats):
+def run_keras(backend, dtype, repeats, implementation="keras_sd3"):
     env = dict(os.environ, KERAS_BACKEND=backend)
-    command = [sys.executable, __file__, "--worker", "--dtypes", dtype, "--repeats", str(repeats)]
+    command = [sys.executable, __file__, "--worker", implementation, "--dtypes", dtype, "--repeats", str(repeats)]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
         return None, result.stderr.strip().splitlines()[-1]
@@ -116,22 +137,25 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--backends", nargs="+", default=["jax", "torch", "tensorflow"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keras-hub", action="store_true", help="also time keras-hub's jax MMDiT (needs keras-hub)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps({"seconds": run_keras_worker(args.dtypes[0], args.repeats)}))
+        print(json.dumps({"seconds": run_keras_worker(args.worker, args.dtypes[0], args.repeats)}))
         return
     print("| dtype | implementation | s / CFG step | ratio to diffusers |")
     print("|---|---|---|---|")
     for dtype in args.dtypes:
         reference = run_diffusers(dtype, args.repeats)
         print(f"| {dtype} | diffusers (torch eager) | {reference:.2f} | 1.00 |", flush=True)
-        for backend in args.backends:
-            seconds, error = run_keras(backend, dtype, args.repeats)
+        runs = [("keras_sd3", backend) for backend in args.backends]
+        for implementation, backend in runs + ([("keras_hub", "jax")] if args.keras_hub else []):
+            seconds, error = run_keras(backend, dtype, args.repeats, implementation)
+            name = f"{implementation} {backend}"
             if seconds is None:
-                print(f"| {dtype} | keras_sd3 {backend} | failed: {error} | |", flush=True)
+                print(f"| {dtype} | {name} | failed: {error} | |", flush=True)
             else:
-                print(f"| {dtype} | keras_sd3 {backend} | {seconds:.2f} | {seconds / reference:.2f} |", flush=True)
+                print(f"| {dtype} | {name} | {seconds:.2f} | {seconds / reference:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ import keras
 from keras import ops
 
 from keras_sd3 import sampling
+from keras_sd3.models.clip import CLIPConfig, CLIPTextEncoder
 from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
+from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.models.vae import VAE
 from keras_sd3.weights import load_layer_weights, open_checkpoint
+
+TEXT_ENCODERS = {"clip_l": (CLIPConfig, CLIPTextEncoder), "clip_g": (CLIPConfig, CLIPTextEncoder), "t5": (T5Config, T5Encoder)}
 
 
 def _check_image_shape(image_shape, mmdit_config, vae_config):
@@ -28,21 +32,30 @@ def _check_image_shape(image_shape, mmdit_config, vae_config):
 
 
 class StableDiffusion3Backbone(keras.Model):
-    """The SD3 / SD3.5 diffusion model (`diffuser`) and autoencoder (`vae`).
+    """The SD3 / SD3.5 diffusion model (`diffuser`), autoencoder (`vae`) and text encoders.
 
     Args:
         mmdit_config: an `MMDiTConfig` (or its dict).
         vae_config: a `VAEConfig` (or its dict).
+        clip_l_config, clip_g_config: `CLIPConfig`s (or dicts) of the CLIP encoders, or None for a
+            backbone without text encoders (embeddings must then be given).
+        t5_config: a `T5Config` (or dict), or None: the T5 part of the context is then zeros.
         image_shape: `(height, width, 3)` of generated images.
+        t5_zero_tokens: length of the zero context used in place of T5 when there is no T5
+            (77 as in KerasHub, giving a (B, 154, 4096) context; diffusers uses `max_sequence_length`).
         dtype: Keras dtype or policy, e.g. "float32", "bfloat16", "float16", "mixed_bfloat16".
-            Norms, softmax and the sampler always run in float32.
+            Norms, softmax and the sampler always run in float32; T5 runs in bfloat16 when `dtype`
+            is float16 (T5 overflows in float16).
 
     Example:
         >>> backbone = StableDiffusion3Backbone.from_preset("path/to/sd3-diffusers", image_shape=(512, 512, 3))
         >>> latents = backbone.denoise_step(latents, embeddings, step, num_steps, guidance_scale=7.0)
     """
 
-    def __init__(self, mmdit_config, vae_config, image_shape=(1024, 1024, 3), dtype=None, **kwargs):
+    def __init__(
+        self, mmdit_config, vae_config, clip_l_config=None, clip_g_config=None, t5_config=None,
+        image_shape=(1024, 1024, 3), t5_zero_tokens=77, dtype=None, **kwargs,
+    ):
         super().__init__(dtype=dtype, **kwargs)
         if isinstance(mmdit_config, dict):
             mmdit_config = MMDiTConfig(**mmdit_config)
@@ -50,23 +63,48 @@ class StableDiffusion3Backbone(keras.Model):
             vae_config = VAEConfig(**vae_config)
         _check_image_shape(image_shape, mmdit_config, vae_config)
         self.mmdit_config, self.vae_config = mmdit_config, vae_config
-        self.image_shape = tuple(image_shape)
+        self.image_shape, self.t5_zero_tokens = tuple(image_shape), t5_zero_tokens
         self.diffuser = MMDiT(mmdit_config, dtype=self.dtype_policy, name="diffuser")
         self.vae = VAE(vae_config, dtype=self.dtype_policy, name="vae")
+        self.text_configs = {}
+        configs = {"clip_l": clip_l_config, "clip_g": clip_g_config, "t5": t5_config}
+        if (clip_l_config is None) != (clip_g_config is None):
+            raise ValueError("SD3 needs both CLIP-L and CLIP-G (or neither): got only one of them.")
+        for name, config in configs.items():
+            config_cls, encoder_cls = TEXT_ENCODERS[name]
+            if isinstance(config, dict):
+                config = config_cls(**config)
+            if config is not None:
+                self.text_configs[name] = config
+                policy = "bfloat16" if name == "t5" and self.compute_dtype == "float16" else self.dtype_policy
+                setattr(self, name, encoder_cls(config, dtype=policy, name=name))
+            else:
+                setattr(self, name, None)
         self.built = True
 
     @classmethod
-    def from_preset(cls, source, image_shape=(1024, 1024, 3), dtype=None):
+    def from_preset(cls, source, image_shape=(1024, 1024, 3), dtype=None, t5_zero_tokens=77):
         """Builds the backbone and loads its weights from a diffusers folder or a single `.safetensors` file.
+
+        Text encoders are loaded when the checkpoint has them (`text_encoder*/` folders, or the
+        `text_encoders.*` tensors of `*_incl_clips*` files); a checkpoint without T5 loads without it.
 
         Raises:
             CheckpointError: the source is not an SD3 checkpoint, or a tensor is missing, unexpected
                 or mis-shaped (the message names it).
         """
         checkpoint = open_checkpoint(source)
-        backbone = cls(checkpoint.mmdit_config, checkpoint.vae_config, image_shape=image_shape, dtype=dtype)
-        load_layer_weights(backbone.diffuser, checkpoint.mmdit, f"MMDiT of {checkpoint.path}")
-        load_layer_weights(backbone.vae, checkpoint.vae, f"VAE of {checkpoint.path}")
+        parts = {name: getattr(checkpoint, name) for name in TEXT_ENCODERS}
+        backbone = cls(
+            checkpoint.mmdit.config, checkpoint.vae.config,
+            **{f"{name}_config": part and part.config for name, part in parts.items()},
+            image_shape=image_shape, t5_zero_tokens=t5_zero_tokens, dtype=dtype,
+        )
+        load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}")
+        load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")
+        for name, part in parts.items():
+            if part is not None:
+                load_layer_weights(getattr(backbone, name), part.tensors, f"{name} encoder of {checkpoint.path}")
         return backbone
 
     @property
@@ -79,7 +117,9 @@ class StableDiffusion3Backbone(keras.Model):
         return {
             "mmdit_config": dataclasses.asdict(self.mmdit_config),
             "vae_config": dataclasses.asdict(self.vae_config),
+            **{f"{name}_config": dataclasses.asdict(config) for name, config in self.text_configs.items()},
             "image_shape": self.image_shape,
+            "t5_zero_tokens": self.t5_zero_tokens,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
             "name": self.name,
         }
@@ -96,6 +136,39 @@ class StableDiffusion3Backbone(keras.Model):
             ops.cast(latents, dtype), ops.cast(context, dtype), ops.cast(pooled, dtype), timestep, skip_layers=skip_layers
         )
         return ops.cast(velocity, "float32")
+
+    def encode_text(self, token_ids, clip_skip=None):
+        """Token ids `{"clip_l", "clip_g"[, "t5"]}` -> `(context, pooled)` (SPEC §4), float32.
+
+        Args:
+            token_ids: dict of (B, T) int ids, as from the preprocessor.
+            clip_skip: CLIP layers to skip (None: the penultimate hidden state, as diffusers).
+
+        Returns:
+            context (B, 77 + T5 length, joint_attention_dim) and pooled (B, 2 * projection).
+        """
+        if self.clip_l is None:
+            raise ValueError("This backbone has no text encoders: pass precomputed embeddings instead.")
+        l_hidden, l_pooled = self.clip_l(token_ids["clip_l"], clip_skip=clip_skip)
+        g_hidden, g_pooled = self.clip_g(token_ids["clip_g"], clip_skip=clip_skip)
+        clip = ops.cast(ops.concatenate([l_hidden, g_hidden], axis=-1), "float32")  # (B, 77, dl + dg)
+        width = self.mmdit_config.joint_attention_dim
+        clip = ops.pad(clip, ((0, 0), (0, 0), (0, width - ops.shape(clip)[-1])))
+        if self.t5 is not None:
+            t5 = ops.cast(self.t5(token_ids["t5"]), "float32")
+        else:
+            t5 = ops.zeros((ops.shape(clip)[0], self.t5_zero_tokens, width), "float32")
+        pooled = ops.cast(ops.concatenate([l_pooled, g_pooled], axis=-1), "float32")
+        return ops.concatenate([clip, t5], axis=1), pooled
+
+    def encode_text_step(self, token_ids, negative_token_ids, clip_skip=None):
+        """KerasHub's step: `(positive, negative, positive_pooled, negative_pooled)` embeddings.
+
+        As in diffusers, `clip_skip` applies to the positive prompt only.
+        """
+        positive, positive_pooled = self.encode_text(token_ids, clip_skip)
+        negative, negative_pooled = self.encode_text(negative_token_ids)
+        return positive, negative, positive_pooled, negative_pooled
 
     def encode_image_step(self, images):
         """(B, H, W, 3) images in [-1, 1] -> scaled latents `(mean - shift) * scale`, float32."""

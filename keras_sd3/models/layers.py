@@ -43,6 +43,37 @@ def modulate(x, shift, scale):
     return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
 
+def multi_head_attention(q, k, v, heads, is_causal=False, scale=None):
+    """Softmax attention of (B, T, heads * H) projections; returns (B, T, heads * H).
+
+    `scale` defaults to 1 / sqrt(H); the softmax runs in float32 inside the backends' fused kernels.
+    """
+    batch, head_dim = ops.shape(q)[0], ops.shape(q)[-1] // heads
+    q, k, v = (ops.reshape(x, (batch, -1, heads, head_dim)) for x in (q, k, v))  # (B, T, N, H)
+    out = ops.dot_product_attention(q, k, v, scale=head_dim**-0.5 if scale is None else scale, is_causal=is_causal)
+    return ops.reshape(out, (batch, -1, heads * head_dim))
+
+
+class LayerNorm(keras.layers.Layer):
+    """LayerNorm over the last axis with affine `weight` / `bias`, computed in float32."""
+
+    def __init__(self, dim, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
+        self.bias = self.add_weight(shape=(dim,), initializer="zeros", name="bias")
+        self.built = True
+
+    def call(self, x):
+        y = ops.layer_normalization(
+            ops.cast(x, "float32"),
+            gamma=ops.cast(self.weight, "float32"),
+            beta=ops.cast(self.bias, "float32"),
+            epsilon=self.epsilon,
+        )
+        return ops.cast(y, self.compute_dtype)
+
+
 class RMSNorm(keras.layers.Layer):
     """RMS normalisation over the last axis with a learned `weight`, variance in float32."""
 

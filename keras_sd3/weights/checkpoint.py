@@ -1,30 +1,54 @@
 """Finding the parts of an SD3 checkpoint: a diffusers folder or an original single file.
 
-`open_checkpoint(source)` returns a `Checkpoint`: the configs of the parts it holds and, for each part,
-a lazy `TensorSource` keyed with diffusers names.
+`open_checkpoint(source)` returns a `Checkpoint`: for each part it holds (MMDiT, VAE, CLIP-L, CLIP-G,
+T5), its config and a lazy `TensorSource` keyed with diffusers / transformers names, plus the
+tokenizer folders of a diffusers folder.
 """
 
 import dataclasses
 import json
 import os
 
+import numpy as np
+
+from keras_sd3.models.clip import CLIPConfig
 from keras_sd3.models.config import MMDiTConfig, VAEConfig
+from keras_sd3.models.t5 import T5Config
 from keras_sd3.weights import original_keys
-from keras_sd3.weights.safetensors_file import CheckpointError, open_safetensors, open_weights
+from keras_sd3.weights.safetensors_file import CheckpointError, TensorSource, open_safetensors, open_weights
 
 MMDIT_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5": "text_encoders.t5xxl.transformer.",
+}
+TEXT_FOLDERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+TOKENIZER_FOLDERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
+# Stored by some writers but derived (position ids) or tied to another tensor (T5's input embedding).
+_REDUNDANT = ("text_model.embeddings.position_ids", "encoder.embed_tokens.weight")
+
+
+@dataclasses.dataclass
+class Part:
+    """One model of a checkpoint: its config and its tensors."""
+
+    config: object
+    tensors: TensorSource
 
 
 @dataclasses.dataclass
 class Checkpoint:
-    """The parts of one checkpoint, each a config plus a `TensorSource` keyed with diffusers names."""
+    """The parts of one checkpoint; text parts are None where the checkpoint has none."""
 
     path: str
-    mmdit_config: MMDiTConfig
-    mmdit: object
-    vae_config: VAEConfig
-    vae: object
+    mmdit: Part
+    vae: Part
+    clip_l: Part = None
+    clip_g: Part = None
+    t5: Part = None
+    tokenizers: dict = dataclasses.field(default_factory=dict)
 
 
 def _read_json(path):
@@ -37,20 +61,56 @@ def _read_json(path):
         raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
 
 
+def _config(cls, factory, path):
+    try:
+        return factory(_read_json(path))
+    except TypeError as e:
+        raise CheckpointError(f"{path} has an unexpected field ({e}).") from None
+
+
+def _open_text_folder(folder, name):
+    subfolder = os.path.join(folder, TEXT_FOLDERS[name])
+    if not os.path.isdir(subfolder):
+        return None
+    cls = T5Config if name == "t5" else CLIPConfig
+    config = _config(cls, cls.from_transformers, os.path.join(subfolder, "config.json"))
+    return Part(config, open_weights(subfolder, "model").without(_REDUNDANT))
+
+
 def _open_folder(folder):
     transformer, vae = os.path.join(folder, "transformer"), os.path.join(folder, "vae")
-    try:
-        mmdit_config = MMDiTConfig.from_diffusers(_read_json(os.path.join(transformer, "config.json")))
-        vae_config = VAEConfig.from_diffusers(_read_json(os.path.join(vae, "config.json")))
-    except TypeError as e:
-        raise CheckpointError(f"{folder}: a config.json has an unexpected field ({e}).") from None
-    return Checkpoint(
+    checkpoint = Checkpoint(
         folder,
-        mmdit_config,
-        open_weights(transformer, "diffusion_pytorch_model"),
-        vae_config,
-        open_weights(vae, "diffusion_pytorch_model"),
+        Part(
+            _config(MMDiTConfig, MMDiTConfig.from_diffusers, os.path.join(transformer, "config.json")),
+            open_weights(transformer, "diffusion_pytorch_model"),
+        ),
+        Part(
+            _config(VAEConfig, VAEConfig.from_diffusers, os.path.join(vae, "config.json")),
+            open_weights(vae, "diffusion_pytorch_model"),
+        ),
     )
+    for name in TEXT_FOLDERS:
+        setattr(checkpoint, name, _open_text_folder(folder, name))
+        tokenizer = os.path.join(folder, TOKENIZER_FOLDERS[name])
+        if os.path.isdir(tokenizer):
+            checkpoint.tokenizers[name] = tokenizer
+    return checkpoint
+
+
+def _single_file_text_parts(tensors, checkpoint):
+    for name, prefix in TEXT_PREFIXES.items():
+        part = tensors.subset(prefix).without(_REDUNDANT)
+        if not part.shapes:
+            continue
+        what = f"{name} in {checkpoint.path} (prefix '{prefix}')"
+        if name == "t5":
+            setattr(checkpoint, name, Part(original_keys.infer_t5_config(part, what), part))
+            continue
+        config = original_keys.infer_clip_config(part, "gelu" if name == "clip_g" else "quick_gelu", what)
+        if "text_projection.weight" not in part:  # SD3's CLIP-L projection is the identity
+            part = part.with_tensor("text_projection.weight", np.eye(config.hidden_size, dtype=np.float32))
+        setattr(checkpoint, name, Part(config, part))
 
 
 def _open_single_file(path):
@@ -65,10 +125,11 @@ def _open_single_file(path):
             )
     mmdit_config = original_keys.infer_mmdit_config(mmdit)
     vae_config = original_keys.infer_vae_config(vae)
-    what = f"MMDiT in {path}"
-    mmdit = original_keys.rename(mmdit, original_keys.mmdit_rules(mmdit_config.num_layers - 1), what)
+    mmdit = original_keys.rename(mmdit, original_keys.mmdit_rules(mmdit_config.num_layers - 1), f"MMDiT in {path}")
     vae = original_keys.rename(vae, original_keys.vae_rules(len(vae_config.block_out_channels)), f"VAE in {path}")
-    return Checkpoint(path, mmdit_config, mmdit, vae_config, vae)
+    checkpoint = Checkpoint(path, Part(mmdit_config, mmdit), Part(vae_config, vae))
+    _single_file_text_parts(tensors, checkpoint)
+    return checkpoint
 
 
 def open_checkpoint(source):
@@ -82,6 +143,4 @@ def open_checkpoint(source):
         return _open_folder(source)
     if os.path.isfile(source):
         return _open_single_file(source)
-    raise CheckpointError(
-        f"{source!r} is neither a diffusers folder nor a .safetensors file."
-    )
+    raise CheckpointError(f"{source!r} is neither a diffusers folder nor a .safetensors file.")

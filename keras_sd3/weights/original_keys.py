@@ -10,7 +10,9 @@ import re
 
 import numpy as np
 
+from keras_sd3.models.clip import CLIPConfig
 from keras_sd3.models.config import MMDiTConfig, VAEConfig
+from keras_sd3.models.t5 import T5Config
 from keras_sd3.weights.safetensors_file import CheckpointError, TensorSource
 
 _COPY = (lambda shape: tuple(shape), lambda a: a)
@@ -164,4 +166,41 @@ def infer_vae_config(source):
         block_out_channels=channels,
         layers_per_block=per_block,
         latent_channels=_require(source, "decoder.conv_in.weight", what)[1],
+    )
+
+
+def _count(source, prefix):
+    """Number of distinct indices `i` in keys `{prefix}{i}.*`."""
+    return len({k[len(prefix) :].split(".")[0] for k in source.keys() if k.startswith(prefix)})
+
+
+def infer_clip_config(source, hidden_act, what):
+    """Infers a CLIP text encoder from transformers-named tensors (heads of 64, eos = last id)."""
+    vocab, hidden = _require(source, "text_model.embeddings.token_embedding.weight", what)
+    projection = source.shapes.get("text_projection.weight", (hidden, hidden))[0]
+    return CLIPConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_require(source, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0],
+        num_hidden_layers=_count(source, "text_model.encoder.layers."),
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=_require(source, "text_model.embeddings.position_embedding.weight", what)[0],
+        hidden_act=hidden_act,
+        projection_dim=projection,
+        eos_token_id=vocab - 1,
+    )
+
+
+def infer_t5_config(source, what):
+    """Infers a T5 encoder from transformers-named tensors."""
+    vocab, d_model = _require(source, "shared.weight", what)
+    buckets, heads = _require(source, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", what)
+    return T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=_require(source, "encoder.block.0.layer.0.SelfAttention.q.weight", what)[0] // heads,
+        d_ff=_require(source, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0],
+        num_layers=_count(source, "encoder.block."),
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
     )

@@ -56,6 +56,15 @@ class TensorSource:
         """Returns the tensor `key` as a new numpy array, in its stored dtype."""
         return self._readers[key]()
 
+    def without(self, names):
+        """Returns a copy without the tensors `names` (absent names are ignored)."""
+        keep = [k for k in self.shapes if k not in names]
+        return TensorSource({k: self.shapes[k] for k in keep}, {k: self._readers[k] for k in keep})
+
+    def with_tensor(self, name, array):
+        """Returns a copy with one more (in-memory) tensor."""
+        return TensorSource({**self.shapes, name: array.shape}, {**self._readers, name: lambda: array})
+
     def subset(self, prefix):
         """Returns the tensors whose names start with `prefix`, with the prefix removed."""
         names = [k for k in self.shapes if k.startswith(prefix)]
