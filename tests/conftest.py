@@ -21,9 +21,9 @@ TINY_MMDIT = dict(
     num_layers=3,
     attention_head_dim=64,
     num_attention_heads=2,
-    joint_attention_dim=48,
+    joint_attention_dim=256,
     caption_projection_dim=128,
-    pooled_projection_dim=40,
+    pooled_projection_dim=192,
     pos_embed_max_size=12,
 )
 VARIANTS = {

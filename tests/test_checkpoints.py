@@ -201,9 +201,9 @@ def test_misshaped_tensor_names_key_and_both_shapes(sd3_reference, tmp_path):
     with open(os.path.join(folder, "transformer", "config.json")) as f:
         (copy / "transformer" / "config.json").write_text(f.read())
     tensors = load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
-    tensors["context_embedder.weight"] = np.zeros((128, 47), "float32")
+    tensors["context_embedder.weight"] = np.zeros((128, 255), "float32")
     save_file(tensors, str(copy / "transformer" / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"'context_embedder\.weight'.*\(128, 47\).*expects \(128, 48\)"):
+    with pytest.raises(CheckpointError, match=r"'context_embedder\.weight'.*\(128, 255\).*expects \(128, 256\)"):
         StableDiffusion3Backbone.from_preset(str(copy), image_shape=IMAGE_SHAPE)
 
 

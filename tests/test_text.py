@@ -130,3 +130,50 @@ def test_encode_text_step_matches_diffusers(pipeline, max_sequence_length, clip_
     # diffusers returns (positive, negative, positive_pooled, negative_pooled), the same order.
     for ours, reference in zip(actual, expected):
         assert_close(keras.ops.convert_to_numpy(ours), reference.numpy())
+
+
+def test_single_file_with_text_encoders_loads_to_identical_outputs(pipeline, tmp_path):
+    # An `*_incl_clips[_t5xxl]`-style file: original MMDiT / VAE keys plus text_encoders.* (no CLIP-L projection).
+    from safetensors.numpy import load_file, save_file
+    from test_checkpoints import to_original_mmdit, to_original_vae
+
+    folder, pipe = pipeline
+    read = lambda *parts: load_file(os.path.join(folder, *parts))
+    tensors = {
+        **to_original_mmdit(read("transformer", "diffusion_pytorch_model.safetensors"), pipe.transformer.config.num_layers),
+        **to_original_vae(read("vae", "diffusion_pytorch_model.safetensors")),
+    }
+    prefixes = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"}
+    for subfolder, name in prefixes.items():
+        if os.path.isdir(os.path.join(folder, subfolder)):
+            for key, value in read(subfolder, "model.safetensors").items():
+                if not (name == "clip_l" and key == "text_projection.weight"):
+                    tensors[f"text_encoders.{name}.transformer.{key}"] = value
+    path = str(tmp_path / "sd3_incl_clips.safetensors")
+    save_file(tensors, path)
+
+    preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(folder, max_sequence_length=77)
+    ids = preprocessor.generate_preprocess(["a red circle", "a blue square"])
+    negative_ids = preprocessor.generate_preprocess(["", "green"])
+    from_file = StableDiffusion3Backbone.from_preset(path, image_shape=IMAGE_SHAPE)
+    from_folder = StableDiffusion3Backbone.from_preset(folder, image_shape=IMAGE_SHAPE)
+    assert from_file.text_configs == from_folder.text_configs
+    for a, b in zip(from_file.encode_text_step(ids, negative_ids), from_folder.encode_text_step(ids, negative_ids)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+def test_missing_text_tensor_is_named(pipeline, tmp_path):
+    import shutil
+
+    from keras_sd3.weights import CheckpointError
+    from safetensors.numpy import load_file, save_file
+
+    folder, _ = pipeline
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    path = str(copy / "text_encoder_2" / "model.safetensors")
+    tensors = load_file(path)
+    del tensors["text_model.encoder.layers.1.mlp.fc1.bias"]
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match=r"clip_g encoder .* missing 1 tensor.*'text_model\.encoder\.layers\.1\.mlp\.fc1\.bias'"):
+        StableDiffusion3Backbone.from_preset(str(copy), image_shape=IMAGE_SHAPE)

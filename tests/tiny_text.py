@@ -112,15 +112,18 @@ def train_t5_tokenizer(folder, with_tokenizer_json):
     return len(reference)
 
 
-CLIP_L = dict(hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2, projection_dim=16,
+# Heads of 64 as in the real encoders (single files do not record the head count); context width
+# 64 + 128 padded to the T5 width 256 = the tiny MMDiT's joint_attention_dim; pooled 64 + 128 = 192.
+CLIP_L = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=1, projection_dim=64,
               hidden_act="quick_gelu")
-CLIP_G = dict(hidden_size=24, intermediate_size=37, num_hidden_layers=3, num_attention_heads=3, projection_dim=24,
+CLIP_G = dict(hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, projection_dim=128,
               hidden_act="gelu")
-T5 = dict(d_model=48, d_kv=8, d_ff=37, num_layers=2, num_heads=6, feed_forward_proj="gated-gelu")
+T5 = dict(d_model=256, d_kv=8, d_ff=96, num_layers=2, num_heads=6, feed_forward_proj="gated-gelu")
 
 
 def build_text_side(folder, with_t5, seed=10):
     """Tokenizers and random text encoders of a tiny SD3 pipeline; returns the transformers objects."""
+    import torch
     from conftest import randomize
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                               T5EncoderModel, T5TokenizerFast)
@@ -133,7 +136,10 @@ def build_text_side(folder, with_t5, seed=10):
         encoder = CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=size, bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=tokenizer.pad_token_id,
             **config))
-        parts["tokenizer" + name], parts["text_encoder" + name] = tokenizer, randomize(encoder, seed + i)
+        randomize(encoder, seed + i)
+        if name == "":  # SD3's CLIP-L projection is the identity (single files do not store it)
+            torch.nn.init.eye_(encoder.text_projection.weight)
+        parts["tokenizer" + name], parts["text_encoder" + name] = tokenizer, encoder
     parts["tokenizer_3"] = parts["text_encoder_3"] = None
     if with_t5:
         tokenizer_folder = os.path.join(folder, "tokenizer_3")
