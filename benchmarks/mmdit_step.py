@@ -2,8 +2,10 @@
 
 Random weights, 24 layers, hidden 1536, 512 x 512 image (64 x 64 latents -> 1024 image tokens),
 154 context tokens (77 CLIP + 77 T5 / zero tokens), batch 2 (positive + negative). Each keras_sd3
-backend runs in its own process (the Keras backend is fixed per process); diffusers runs in this one.
-Prints seconds per step (median of --repeats after one warm-up) and the ratio to diffusers.
+backend runs in its own process (the Keras backend is fixed per process), which also holds diffusers'
+model: after one warm-up each, the two are timed alternately, so that the machine's drift (large on
+shared machines) hits both alike. Prints the medians of --repeats steps and the median of the
+per-pair ratios keras_sd3 / diffusers.
 
 Usage:
     python benchmarks/mmdit_step.py [--dtypes float32 bfloat16] [--backends jax torch tensorflow] [--keras-hub]
@@ -37,17 +39,20 @@ def inputs(seed=0):
     )
 
 
-def timed(function, repeats):
-    function()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
-def run_diffusers(dtype, repeats):
+def timed_pairs(reference, ours, repeats):
+    """Alternating timings after a warm-up (and compilation) of each; returns both lists."""
+    reference(), ours()
+    pairs = [(seconds(reference), seconds(ours)) for _ in range(repeats)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def diffusers_step_function(dtype):
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -61,7 +66,7 @@ def run_diffusers(dtype, repeats):
         with torch.no_grad():
             model(hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep)
 
-    return timed(step, repeats)
+    return step
 
 
 def keras_step_function(backbone, dtype):
@@ -114,13 +119,16 @@ def keras_hub_step_function(dtype):
     return lambda: forward(state, feed).block_until_ready()
 
 
-def run_keras_worker(implementation, dtype, repeats):
+def run_worker(implementation, dtype, repeats):
     if implementation == "keras_hub":
-        return timed(keras_hub_step_function(dtype), repeats)
-    from keras_sd3.models import SD3_MEDIUM, SD3_VAE, StableDiffusion3Backbone
+        ours = keras_hub_step_function(dtype)
+    else:
+        from keras_sd3.models import SD3_MEDIUM, SD3_VAE, StableDiffusion3Backbone
 
-    backbone = StableDiffusion3Backbone(SD3_MEDIUM, SD3_VAE, image_shape=(512, 512, 3), dtype=dtype)
-    return timed(keras_step_function(backbone, dtype), repeats)
+        backbone = StableDiffusion3Backbone(SD3_MEDIUM, SD3_VAE, image_shape=(512, 512, 3), dtype=dtype)
+        ours = keras_step_function(backbone, dtype)
+    reference, ours = timed_pairs(diffusers_step_function(dtype), ours, repeats)
+    return {"reference": reference, "ours": ours}
 
 
 def run_keras(backend, dtype, repeats, implementation="keras_sd3"):
@@ -129,7 +137,7 @@ def run_keras(backend, dtype, repeats, implementation="keras_sd3"):
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
         return None, result.stderr.strip().splitlines()[-1]
-    return json.loads(result.stdout.strip().splitlines()[-1])["seconds"], ""
+    return json.loads(result.stdout.strip().splitlines()[-1]), ""
 
 
 def main():
@@ -141,21 +149,21 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps({"seconds": run_keras_worker(args.worker, args.dtypes[0], args.repeats)}))
+        print(json.dumps(run_worker(args.worker, args.dtypes[0], args.repeats)))
         return
-    print("| dtype | implementation | s / CFG step | ratio to diffusers |")
-    print("|---|---|---|---|")
+    print("| dtype | implementation | s / CFG step | diffusers s / CFG step, same process | ratio |")
+    print("|---|---|---|---|---|")
     for dtype in args.dtypes:
-        reference = run_diffusers(dtype, args.repeats)
-        print(f"| {dtype} | diffusers (torch eager) | {reference:.2f} | 1.00 |", flush=True)
         runs = [("keras_sd3", backend) for backend in args.backends]
         for implementation, backend in runs + ([("keras_hub", "jax")] if args.keras_hub else []):
-            seconds, error = run_keras(backend, dtype, args.repeats, implementation)
+            times, error = run_keras(backend, dtype, args.repeats, implementation)
             name = f"{implementation} {backend}"
-            if seconds is None:
-                print(f"| {dtype} | {name} | failed: {error} | |", flush=True)
-            else:
-                print(f"| {dtype} | {name} | {seconds:.2f} | {seconds / reference:.2f} |", flush=True)
+            if times is None:
+                print(f"| {dtype} | {name} | failed: {error} | | |", flush=True)
+                continue
+            ours, reference = statistics.median(times["ours"]), statistics.median(times["reference"])
+            ratio = statistics.median([a / b for a, b in zip(times["ours"], times["reference"])])
+            print(f"| {dtype} | {name} | {ours:.2f} | {reference:.2f} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

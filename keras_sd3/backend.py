@@ -22,3 +22,30 @@ def linear(x, kernel, bias=None):
         return out.reshape(*x.shape[:-1], kernel.shape[-1])
     out = ops.matmul(x, kernel)
     return out if bias is None else out + ops.cast(bias, x.dtype)
+
+
+def compile_function(model, function):
+    """`function(*args)` compiled once per input signature, reading `model`'s variables.
+
+    jax: `jax.jit`, the variables passed in through a `keras.StatelessScope` (the latent-walk guide's
+    pattern); tensorflow: `tf.function(jit_compile=True)` (XLA); torch: eager under `torch.no_grad()`.
+    """
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        variables = model.trainable_variables + model.non_trainable_variables
+
+        @jax.jit
+        def stateless(state, *args):
+            with keras.StatelessScope(state_mapping=zip(variables, state)):
+                return function(*args)
+
+        return lambda *args: stateless([v.value for v in variables], *args)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, jit_compile=True, reduce_retracing=True)
+    import torch
+
+    return torch.no_grad()(function)

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SHAPE, assert_close, build_reference
-from tiny_text import PROMPTS, build_text_side, train_clip_tokenizer, train_t5_tokenizer
+from conftest import IMAGE_SHAPE, assert_close
+from tiny_text import PROMPTS, build_pipeline, build_text_side, train_clip_tokenizer, train_t5_tokenizer
 
 from keras_sd3.models import StableDiffusion3Backbone, StableDiffusion3TextToImagePreprocessor
 from keras_sd3.models.clip import CLIPConfig, CLIPTextEncoder
@@ -97,16 +97,8 @@ def test_t5_encoder_matches_transformers(text_side, tmp_path):
 @pytest.fixture(scope="module", params=[True, False], ids=["t5", "no_t5"])
 def pipeline(request, tmp_path_factory):
     """A tiny StableDiffusion3Pipeline saved with save_pretrained, with or without T5."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
     folder = str(tmp_path_factory.mktemp("pipeline"))
-    transformer, vae = build_reference(os.path.join(folder, "parts"), "sd3")
-    parts = build_text_side(os.path.join(folder, "parts"), with_t5=request.param)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts
-    )
-    pipe.save_pretrained(folder)
-    return folder, pipe
+    return folder, build_pipeline(folder, with_t5=request.param)
 
 
 @pytest.mark.parametrize(

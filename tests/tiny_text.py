@@ -147,3 +147,17 @@ def build_text_side(folder, with_t5, seed=10):
         parts["tokenizer_3"] = T5TokenizerFast.from_pretrained(tokenizer_folder)
         parts["text_encoder_3"] = randomize(T5EncoderModel(T5Config(vocab_size=size, **T5)), seed + 2)
     return parts
+
+
+def build_pipeline(folder, with_t5, variant="sd3"):
+    """A tiny `StableDiffusion3Pipeline` (random weights, tokenizers trained here) saved in `folder`."""
+    from conftest import build_reference
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    transformer, vae = build_reference(os.path.join(folder, "parts"), variant)
+    parts = build_text_side(os.path.join(folder, "parts"), with_t5=with_t5)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts
+    )
+    pipe.save_pretrained(folder)
+    return pipe

@@ -7,3 +7,4 @@ from keras_sd3.models.vae import VAE
 from keras_sd3.models.clip import CLIPConfig, CLIPTextEncoder
 from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
+from keras_sd3.tasks import StableDiffusion3ImageToImage, StableDiffusion3Inpaint, StableDiffusion3TextToImage

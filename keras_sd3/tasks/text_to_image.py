@@ -1,0 +1,41 @@
+"""`StableDiffusion3TextToImage`: prompts -> images (KerasHub's API)."""
+
+import numpy as np
+
+from keras_sd3.tasks.task import GenerationTask
+
+
+class StableDiffusion3TextToImage(GenerationTask):
+    """Text-to-image generation.
+
+    Example:
+        >>> text_to_image = StableDiffusion3TextToImage.from_preset("path/to/sd3", image_shape=(512, 512, 3))
+        >>> image = text_to_image.generate("a red circle on a blue background", seed=0)  # (512, 512, 3) uint8
+    """
+
+    def generate(self, inputs=None, num_steps=28, guidance_scale=7.0, seed=None, latents=None,
+                 num_images=1, embeddings=None, output="images"):
+        """Generates images.
+
+        Args:
+            inputs: a prompt, a list of prompts, or `{"prompts", "negative_prompts"}`.
+            num_steps: denoising steps.
+            guidance_scale: classifier-free guidance; `<= 1` disables it (one pass per step, Turbo).
+            seed: seed of the initial noise (NumPy generator: the same images on every backend).
+            latents: explicit (B, h, w, C) initial noise, e.g. to reproduce a diffusers run.
+            num_images: images per prompt.
+            embeddings: precomputed `encode_text_step` 4-tuple instead of prompts.
+            output: "images" (uint8) or "latents" (float32 final latents).
+
+        Returns:
+            (H, W, 3) uint8 for one prompt string, else (B, H, W, 3); latents likewise.
+        """
+        single, _, embeddings = self.prepare(inputs, ("prompts",), embeddings, num_images)
+        batch = embeddings[0].shape[0]
+        if latents is None:
+            latents = self.noise(batch, seed)
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != (batch, *self.backbone.latent_shape):
+            raise ValueError(f"latents must have shape {(batch, *self.backbone.latent_shape)}, got {latents.shape}.")
+        outputs = self.run(latents, embeddings, num_steps, guidance_scale, output=output)
+        return self.unbatch(outputs, single, num_images)
