@@ -43,6 +43,7 @@ def generate(backbone, noise, embeddings, images, mask, start, num_steps, guidan
         start, num_steps: int scalars; the loop runs steps `start .. num_steps - 1`.
         guidance_scale: float scalar (ignored unless `use_cfg`).
     """
+    noise, images, mask = (ops.convert_to_tensor(x, "float32") for x in (noise, images, mask))
     latents, inpaint = noise, None
     if use_image:
         image_latents = backbone.encode_image_step(images)
