@@ -139,6 +139,41 @@ def test_inpaint_matches_diffusers(setup, strength, guidance_scale):
     assert_images_close(tasks["inpaint"].generate(inputs, **options), expected)
 
 
+def test_skip_layer_guidance_matches_diffusers(setup):
+    from diffusers import StableDiffusion3Pipeline
+
+    from keras_sd3.sampling import SkipLayerGuidance
+
+    pipe, tasks = setup
+    latents, slg = noise(1, seed=13), SkipLayerGuidance(layers=(1,), scale=2.8, start=0.01, stop=0.5)
+    ours = tasks["text"].generate(PROMPTS[:1], num_steps=6, guidance_scale=5.0, latents=latents, skip_layer_guidance=slg)
+    plain = tasks["text"].generate(PROMPTS[:1], num_steps=6, guidance_scale=5.0, latents=latents)
+    expected = reference(
+        pipe, StableDiffusion3Pipeline, "pipeline_stable_diffusion_3", latents, prompt=PROMPTS[:1],
+        num_inference_steps=6, guidance_scale=5.0, height=H, width=W, latents=to_nchw(latents),
+        skip_guidance_layers=[1], skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01,
+        skip_layer_guidance_stop=0.5,
+    )
+    assert_images_close(ours, expected)
+    assert np.max(np.abs(ours.astype(int) - plain.astype(int))) > 2  # the guidance did something
+
+
+def test_callback_progress_and_embeddings(setup, capsys):
+    # Step-by-step runs (callback / progress bar) and precomputed embeddings give the same images.
+    _, tasks = setup
+    task, latents = tasks["text"], noise(1, seed=14)
+    whole = task.generate(PROMPTS[0], num_steps=4, guidance_scale=3.0, latents=latents)
+    seen = []
+    stepped = task.generate(PROMPTS[0], num_steps=4, guidance_scale=3.0, latents=latents, progress=True,
+                            callback=lambda step, total, x: seen.append((step, total, x.shape)))
+    assert seen == [(i, 4, (1, *LATENT_SHAPE)) for i in range(4)]
+    assert "step 4/4" in capsys.readouterr().err
+    np.testing.assert_allclose(stepped.astype(int), whole.astype(int), atol=1)
+    embeddings = task.encode([PROMPTS[0]], [""])
+    from_embeddings = task.generate(embeddings=embeddings, num_steps=4, guidance_scale=3.0, latents=latents)
+    np.testing.assert_array_equal(from_embeddings[0], whole)
+
+
 def test_inpaint_keeps_the_unmasked_latents(setup):
     _, tasks = setup
     images, masks = stand_in_images(1, seed=6), stand_in_masks(1)
@@ -187,9 +222,9 @@ def test_changing_prompt_guidance_steps_strength_does_not_recompile(setup):
         # torch has nothing to compile: the body runs eagerly, under no_grad.
         from keras_sd3.tasks import loop
 
-        grad_enabled, original = [], loop.generate
+        grad_enabled, original = [], loop.run_steps
         spy = lambda *a, **k: grad_enabled.append(torch.is_grad_enabled()) or original(*a, **k)
-        with mock.patch.object(loop, "generate", spy):
+        with mock.patch.object(loop, "run_steps", spy):
             task.generate(**calls[1])
         assert grad_enabled == [False]
         return

@@ -179,7 +179,7 @@ class StableDiffusion3Backbone(keras.Model):
         """Latents noised to the level before `step` of `num_steps` (image-to-image start)."""
         return sampling.add_noise(latents, noises, sampling.sigma(step, num_steps))
 
-    def denoise_step(self, latents, embeddings, step, num_steps, guidance_scale=None):
+    def denoise_step(self, latents, embeddings, step, num_steps, guidance_scale=None, skip_layer_guidance=None):
         """One Euler step from `step` to `step + 1` of `num_steps`.
 
         Args:
@@ -188,6 +188,7 @@ class StableDiffusion3Backbone(keras.Model):
             step, num_steps: ints or int tensors.
             guidance_scale: None for no classifier-free guidance (only the positive pair is used),
                 else a float or scalar tensor `g` giving `v = v_neg + g * (v_pos - v_neg)`.
+            skip_layer_guidance: None or a `sampling.SkipLayerGuidance` (used with guidance only).
 
         Returns:
             float32 latents after the step.
@@ -206,7 +207,19 @@ class StableDiffusion3Backbone(keras.Model):
             )
             v_positive, v_negative = ops.split(velocity, 2, axis=0)
             velocity = sampling.classifier_free_guidance(v_positive, v_negative, guidance_scale)
+            if skip_layer_guidance is not None:
+                velocity = self._skip_layer_guidance(
+                    velocity, v_positive, latents, positive, positive_pooled, sigma_now, step, num_steps,
+                    skip_layer_guidance,
+                )
         return sampling.euler_step(latents, velocity, sigma_now, sigma_next)
+
+    def _skip_layer_guidance(self, guided, v_positive, latents, context, pooled, sigma, step, num_steps, slg):
+        def with_skip():
+            skipped = self.predict_velocity(latents, context, pooled, sigma, skip_layers=slg.layers)
+            return slg.apply(guided, v_positive, skipped)
+
+        return ops.cond(slg.is_active(step, num_steps), with_skip, lambda: guided)
 
     def decode_step(self, latents):
         """Scaled latents -> (B, H, W, 3) float32 images in about [-1, 1] (not clipped)."""

@@ -56,9 +56,3 @@ def add_noise(latents, noise, sigma_now):
     """Noised latents on the flow path: `sigma * noise + (1 - sigma) * latents`, in float32."""
     latents, noise = ops.cast(latents, "float32"), ops.cast(noise, "float32")
     return sigma_now * noise + (1.0 - sigma_now) * latents
-
-
-def classifier_free_guidance(positive, negative, guidance_scale):
-    """`negative + g * (positive - negative)`, in float32."""
-    positive, negative = ops.cast(positive, "float32"), ops.cast(negative, "float32")
-    return negative + ops.cast(guidance_scale, "float32") * (positive - negative)

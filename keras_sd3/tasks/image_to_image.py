@@ -1,7 +1,8 @@
 """`StableDiffusion3ImageToImage`: an image and prompts -> images (KerasHub's API)."""
 
-import numpy as np
+from keras import ops
 
+from keras_sd3 import sampling
 from keras_sd3.tasks.inputs import batch_images, check_num_steps, check_strength, latent_mask
 from keras_sd3.tasks.task import GenerationTask
 
@@ -18,32 +19,32 @@ class StableDiffusion3ImageToImage(GenerationTask):
 
     required_keys = ("images", "prompts")
 
-    def generate(self, inputs, num_steps=50, guidance_scale=7.0, strength=0.8, seed=None, noise=None,
-                 num_images=1, embeddings=None, output="images"):
+    def generate(self, inputs, num_steps=50, guidance_scale=7.0, strength=0.8, seed=None, noise=None, num_images=1,
+                 embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False):
         """Generates images from `{"images", "prompts"[, "negative_prompts"]}`.
 
         Args:
             inputs: images (H, W, 3) or (B, H, W, 3) in [-1, 1] and prompts.
-            strength: in [0, 1]; how much noise is added (1: pure noise).
+            strength: in [0, 1]; how much noise is added (1: pure noise, the image is ignored).
             noise: explicit (B, h, w, C) noise, e.g. to reproduce a diffusers run.
             Others: as `StableDiffusion3TextToImage.generate`.
         """
         return self._generate(inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings,
-                              output, masks=False)
+                              dict(output=output, skip_layer_guidance=skip_layer_guidance, callback=callback,
+                                   progress=progress))
 
-    def _generate(self, inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings, output,
-                  masks):
+    def _generate(self, inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings, options):
         strength, num_steps = check_strength(strength), check_num_steps(num_steps)
         single, inputs, embeddings = self.prepare(inputs, self.required_keys, embeddings, num_images)
         batch = embeddings[0].shape[0]
         images = batch_images(inputs.get("images"), batch, self.backbone.image_shape)
-        mask = None
-        if masks:
-            factor = self.backbone.vae_config.downsample_factor
-            mask = latent_mask(inputs.get("masks"), batch, self.backbone.image_shape, factor)
-        noise = self.noise(batch, seed) if noise is None else np.asarray(noise, np.float32)
-        if noise.shape != (batch, *self.backbone.latent_shape):
-            raise ValueError(f"noise must have shape {(batch, *self.backbone.latent_shape)}, got {noise.shape}.")
+        noise = self.noise(batch, seed) if noise is None else self.check_noise(noise, batch, "noise")
         start = start_step(num_steps, strength)
-        outputs = self.run(noise, embeddings, num_steps, guidance_scale, start, images, mask, output)
+        image_latents = ops.convert_to_numpy(self.compiled.encode(images))
+        latents = ops.convert_to_numpy(sampling.add_noise(image_latents, noise, sampling.sigma(start, num_steps)))
+        inpaint = None
+        if "masks" in self.required_keys:
+            factor = self.backbone.vae_config.downsample_factor
+            inpaint = (noise, image_latents, latent_mask(inputs["masks"], batch, self.backbone.image_shape, factor))
+        outputs = self.run(latents, embeddings, num_steps, guidance_scale, start, inpaint, **options)
         return self.unbatch(outputs, single, num_images)

@@ -13,8 +13,8 @@ class StableDiffusion3Inpaint(StableDiffusion3ImageToImage):
 
     required_keys = ("images", "masks", "prompts")
 
-    def generate(self, inputs, num_steps=50, guidance_scale=7.0, strength=0.6, seed=None, noise=None,
-                 num_images=1, embeddings=None, output="images"):
+    def generate(self, inputs, num_steps=50, guidance_scale=7.0, strength=0.6, seed=None, noise=None, num_images=1,
+                 embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False):
         """Generates images from `{"images", "masks", "prompts"[, "negative_prompts"]}`.
 
         Args:
@@ -22,4 +22,5 @@ class StableDiffusion3Inpaint(StableDiffusion3ImageToImage):
             Others: as `StableDiffusion3ImageToImage.generate`.
         """
         return self._generate(inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings,
-                              output, masks=True)
+                              dict(output=output, skip_layer_guidance=skip_layer_guidance, callback=callback,
+                                   progress=progress))

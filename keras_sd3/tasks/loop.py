@@ -1,9 +1,8 @@
-"""The generation loop shared by the three tasks, as one function compiled once per backend.
+"""The denoising loop shared by the three tasks, compiled once per backend.
 
-Step counts, the start step (image-to-image strength), the guidance scale and the embeddings are
-traced inputs, so changing them never recompiles. The static options select one of a few programs:
-with / without classifier-free guidance, with / without an input image, with / without an inpainting
-mask, decoded images or latents.
+Step range, step count, guidance scale and embeddings are traced inputs, so changing them never
+recompiles. Static options select one of a few programs: with / without classifier-free guidance,
+with / without an inpainting mask, skip-layer guidance settings, decoded images or latents.
 """
 
 from keras import ops
@@ -12,75 +11,81 @@ from keras_sd3 import sampling
 from keras_sd3.backend import compile_function
 
 
-def denoise_loop(backbone, latents, embeddings, start, num_steps, guidance_scale, inpaint=None):
-    """Euler steps `start .. num_steps - 1` from `latents`.
+def denoise_loop(backbone, latents, embeddings, start, stop, num_steps, guidance_scale, inpaint=None,
+                 skip_layer_guidance=None):
+    """Euler steps `start .. stop - 1` of `num_steps` from `latents`.
 
     Args:
         inpaint: None, or `(image_latents, noise, mask)`: after each step the unmasked region
             (mask 0) is reset to the image latents noised to the next step's level.
+        skip_layer_guidance: None or a `sampling.SkipLayerGuidance`.
     """
 
     def body(step, x):
-        x = backbone.denoise_step(x, embeddings, step, num_steps, guidance_scale)
+        x = backbone.denoise_step(x, embeddings, step, num_steps, guidance_scale, skip_layer_guidance)
         if inpaint is not None:
             image_latents, noise, mask = inpaint
             proper = sampling.add_noise(image_latents, noise, sampling.sigma(step + 1, num_steps))
             x = (1.0 - mask) * proper + mask * x
         return x
 
-    return ops.fori_loop(start, num_steps, body, latents)
+    return ops.fori_loop(start, stop, body, latents)
 
 
-def generate(backbone, noise, embeddings, images, mask, start, num_steps, guidance_scale,
-             use_cfg, use_image, use_mask, decode):
-    """Noise (and an image) -> `(final latents, images or None)`; the body of every task.
+def run_steps(backbone, latents, embeddings, noise, image_latents, mask, start, stop, num_steps, guidance_scale,
+              use_cfg, use_mask, skip_layer_guidance, decode):
+    """Steps `start .. stop - 1` -> `(latents, decoded images or None)`; the body of every task.
 
     Args:
-        noise: (B, h, w, C) float32 Gaussian noise.
+        latents: (B, h, w, C) latents before step `start`.
         embeddings: the 4-tuple of `encode_text_step`.
-        images: (B, H, W, 3) images in [-1, 1] (ignored unless `use_image`).
-        mask: (B, h, w, 1) binary latent mask, 1 = repaint (ignored unless `use_mask`).
-        start, num_steps: int scalars; the loop runs steps `start .. num_steps - 1`.
+        noise, image_latents, mask: the inpainting inputs (ignored unless `use_mask`); mask is
+            (B, h, w, 1), 1 = repaint.
+        start, stop, num_steps: int scalars.
         guidance_scale: float scalar (ignored unless `use_cfg`).
     """
-    noise, images, mask = (ops.convert_to_tensor(x, "float32") for x in (noise, images, mask))
-    latents, inpaint = noise, None
-    if use_image:
-        image_latents = backbone.encode_image_step(images)
-        latents = sampling.add_noise(image_latents, noise, sampling.sigma(start, num_steps))
-        if use_mask:
-            inpaint = (image_latents, noise, mask)
+    latents, noise, image_latents, mask = (
+        ops.convert_to_tensor(x, "float32") for x in (latents, noise, image_latents, mask)
+    )
+    inpaint = (image_latents, noise, mask) if use_mask else None
     latents = denoise_loop(
-        backbone, latents, embeddings, start, num_steps, guidance_scale if use_cfg else None, inpaint
+        backbone, latents, embeddings, start, stop, num_steps, guidance_scale if use_cfg else None, inpaint,
+        skip_layer_guidance if use_cfg else None,
     )
     return latents, (backbone.decode_step(latents) if decode else None)
 
 
-class CompiledGenerate:
-    """`generate` compiled for the current backend, one program per static option set.
+class CompiledSteps:
+    """`run_steps`, the VAE encoder and decoder, compiled for the backend (see `backend.compile_function`).
 
-    See `keras_sd3.backend.compile_function` for what compiling means on each backend.
-    `traces` counts how many times the Python body was traced (the test of "compiled once").
+    One program per static option set; `traces` counts how often a Python body was traced
+    (the test of "compiled once").
     """
 
     def __init__(self, backbone):
         self.backbone, self.traces, self._programs = backbone, 0, {}
 
-    def _body(self, options):
-        def body(*args):
-            self.traces += 1
-            return generate(self.backbone, *args, **options)
+    def _program(self, key, function):
+        if key not in self._programs:
 
-        return body
+            def counted(*args):
+                self.traces += 1
+                return function(*args)
+
+            self._programs[key] = compile_function(self.backbone, counted)
+        return self._programs[key]
 
     def __call__(self, *args, **options):
         key = tuple(sorted(options.items()))
-        if key not in self._programs:
-            self._programs[key] = compile_function(self.backbone, self._body(options))
-        return self._programs[key](*args)
+        return self._program(key, lambda *a: run_steps(self.backbone, *a, **options))(*args)
+
+    def encode(self, images):
+        return self._program("encode", self.backbone.encode_image_step)(ops.convert_to_tensor(images, "float32"))
+
+    def decode(self, latents):
+        return self._program("decode", self.backbone.decode_step)(ops.convert_to_tensor(latents, "float32"))
 
 
 def scalar(value, dtype):
     """A Python number as a backend tensor (so that it is traced, not baked into the program)."""
     return ops.convert_to_tensor(value, dtype)
-

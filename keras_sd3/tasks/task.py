@@ -1,11 +1,14 @@
 """What the three generation tasks share: prompts -> embeddings, noise, the compiled loop, output."""
 
+import sys
+
 import numpy as np
 from keras import ops
 
+from keras_sd3 import sampling
 from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.tasks.inputs import check_num_steps, parse_prompts
-from keras_sd3.tasks.loop import CompiledGenerate, scalar
+from keras_sd3.tasks.loop import CompiledSteps, scalar
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
 
 
@@ -13,6 +16,15 @@ def to_uint8(images):
     """Images in [-1, 1] -> uint8 in [0, 255] (clipped, rounded)."""
     images = np.clip((np.asarray(images, dtype=np.float32) + 1.0) / 2.0, 0.0, 1.0)
     return np.round(images * 255.0).astype(np.uint8)
+
+
+def progress_bar(done, total, stream=None, width=30):
+    """A one-line text progress bar, redrawn in place (on stderr by default)."""
+    stream = stream or sys.stderr
+    filled = width * done // max(total, 1)
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {done}/{total}")
+    stream.write("\n" if done >= total else "")
+    stream.flush()
 
 
 class GenerationTask:
@@ -26,7 +38,7 @@ class GenerationTask:
 
     def __init__(self, backbone, preprocessor=None):
         self.backbone, self.preprocessor = backbone, preprocessor
-        self.compiled = CompiledGenerate(backbone)
+        self.compiled = CompiledSteps(backbone)
 
     @classmethod
     def from_preset(cls, source, image_shape=(1024, 1024, 3), dtype=None, **kwargs):
@@ -46,42 +58,65 @@ class GenerationTask:
         """Gaussian noise for `batch` images, the same for a seed on every backend (NumPy's PCG64)."""
         return np.random.default_rng(seed).standard_normal((batch, *self.backbone.latent_shape)).astype(np.float32)
 
+    def check_noise(self, noise, batch, name):
+        noise = np.asarray(noise, np.float32)
+        if noise.shape != (batch, *self.backbone.latent_shape):
+            raise ValueError(f"{name} must have shape {(batch, *self.backbone.latent_shape)}, got {noise.shape}.")
+        return noise
+
     def prepare(self, inputs, required_keys, embeddings, num_images):
-        """-> (prompts, single, the dict of inputs, embeddings repeated for `num_images` per prompt)."""
+        """-> (single, the dict of inputs, embeddings repeated for `num_images` per prompt)."""
         if embeddings is None:
             prompts, negatives, single, inputs = parse_prompts(inputs, required_keys)
             prompts = [p for p in prompts for _ in range(num_images)]
             negatives = [n for n in negatives for _ in range(num_images)]
             embeddings = self.encode(prompts, negatives)
         else:
-            inputs = inputs if isinstance(inputs, dict) else {}
-            single = False
-            embeddings = tuple(ops.repeat(e, num_images, axis=0) for e in embeddings)
+            if len(embeddings) != 4:
+                raise ValueError("embeddings must be the 4-tuple (positive, negative, positive_pooled, negative_pooled).")
+            inputs, single = (inputs if isinstance(inputs, dict) else {}), False
+            embeddings = tuple(ops.repeat(ops.convert_to_tensor(e), num_images, axis=0) for e in embeddings)
         return single, inputs, embeddings
 
-    def run(self, noise, embeddings, num_steps, guidance_scale, start=0, images=None, mask=None, output="images"):
-        """Runs the compiled loop; returns uint8 images or float32 latents as numpy.
+    def run(self, latents, embeddings, num_steps, guidance_scale, start=0, inpaint=None, output="images",
+            skip_layer_guidance=None, callback=None, progress=False):
+        """Runs steps `start .. num_steps - 1` from `latents`; returns uint8 images or float32 latents.
 
-        `images` (B, H, W, 3) starts from the noised image latents at step `start`; `mask`
-        (B, h, w, 1) also keeps the unmasked region on the image (inpainting).
+        Args:
+            inpaint: None or `(image_latents, noise, mask)` (see `loop.denoise_loop`).
+            skip_layer_guidance: None, True (the defaults) or a `sampling.SkipLayerGuidance`.
+            callback: `callback(step, num_steps, latents)` after each step (numpy latents).
+            progress: draw a progress bar on stderr.
         """
         num_steps = check_num_steps(num_steps)
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}.")
-        batch, images_given, mask_given = noise.shape[0], images is not None, mask is not None
-        images = np.zeros((batch, *self.backbone.image_shape), np.float32) if images is None else images
-        mask = np.zeros((batch, *self.backbone.latent_shape[:2], 1), np.float32) if mask is None else mask
-        latents, decoded = self.compiled(
-            noise, embeddings, images, mask, scalar(start, "int32"), scalar(num_steps, "int32"),
-            scalar(guidance_scale, "float32"),
-            use_cfg=guidance_scale > 1.0, use_image=images_given, use_mask=mask_given,
-            decode=output == "images",
-        )
+        if skip_layer_guidance is True:
+            skip_layer_guidance = sampling.SkipLayerGuidance()
+        zeros = np.zeros((latents.shape[0], *self.backbone.latent_shape[:2], 1), np.float32)
+        noise, image_latents, mask = inpaint if inpaint is not None else (latents, latents, zeros)
+        options = dict(use_cfg=guidance_scale > 1.0, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance)
+        args = (noise, image_latents, mask)
+        guidance, total = scalar(guidance_scale, "float32"), scalar(num_steps, "int32")
+        if callback is None and not progress:
+            latents, decoded = self.compiled(
+                latents, embeddings, *args, scalar(start, "int32"), total, total, guidance,
+                decode=output == "images", **options,
+            )
+        else:
+            for step in range(start, num_steps):
+                latents, _ = self.compiled(
+                    latents, embeddings, *args, scalar(step, "int32"), scalar(step + 1, "int32"), total, guidance,
+                    decode=False, **options,
+                )
+                if callback is not None:
+                    callback(step, num_steps, ops.convert_to_numpy(latents))
+                if progress:
+                    progress_bar(step + 1, num_steps)
+            decoded = self.compiled.decode(latents) if output == "images" else None
         latents = ops.convert_to_numpy(latents)
         if not np.all(np.isfinite(latents)):
-            raise FloatingPointError(
-                "NaN or Inf appeared in the latents (try float32 or bfloat16 instead of float16)."
-            )
+            raise FloatingPointError("NaN or Inf appeared in the latents (try float32 or bfloat16 instead of float16).")
         return latents if output == "latents" else to_uint8(ops.convert_to_numpy(decoded))
 
     @staticmethod

@@ -1,7 +1,5 @@
 """`StableDiffusion3TextToImage`: prompts -> images (KerasHub's API)."""
 
-import numpy as np
-
 from keras_sd3.tasks.task import GenerationTask
 
 
@@ -13,8 +11,8 @@ class StableDiffusion3TextToImage(GenerationTask):
         >>> image = text_to_image.generate("a red circle on a blue background", seed=0)  # (512, 512, 3) uint8
     """
 
-    def generate(self, inputs=None, num_steps=28, guidance_scale=7.0, seed=None, latents=None,
-                 num_images=1, embeddings=None, output="images"):
+    def generate(self, inputs=None, num_steps=28, guidance_scale=7.0, seed=None, latents=None, num_images=1,
+                 embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False):
         """Generates images.
 
         Args:
@@ -26,16 +24,17 @@ class StableDiffusion3TextToImage(GenerationTask):
             num_images: images per prompt.
             embeddings: precomputed `encode_text_step` 4-tuple instead of prompts.
             output: "images" (uint8) or "latents" (float32 final latents).
+            skip_layer_guidance: None, True (diffusers' defaults: layers 7-9, scale 2.8, steps in
+                (0.01 N, 0.2 N)) or a `keras_sd3.sampling.SkipLayerGuidance`; with guidance only.
+            callback: `callback(step, num_steps, latents)` after each step.
+            progress: draw a progress bar on stderr.
 
         Returns:
             (H, W, 3) uint8 for one prompt string, else (B, H, W, 3); latents likewise.
         """
         single, _, embeddings = self.prepare(inputs, ("prompts",), embeddings, num_images)
         batch = embeddings[0].shape[0]
-        if latents is None:
-            latents = self.noise(batch, seed)
-        latents = np.asarray(latents, np.float32)
-        if latents.shape != (batch, *self.backbone.latent_shape):
-            raise ValueError(f"latents must have shape {(batch, *self.backbone.latent_shape)}, got {latents.shape}.")
-        outputs = self.run(latents, embeddings, num_steps, guidance_scale, output=output)
+        latents = self.noise(batch, seed) if latents is None else self.check_noise(latents, batch, "latents")
+        outputs = self.run(latents, embeddings, num_steps, guidance_scale, output=output,
+                           skip_layer_guidance=skip_layer_guidance, callback=callback, progress=progress)
         return self.unbatch(outputs, single, num_images)
