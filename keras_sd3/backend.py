@@ -24,6 +24,23 @@ def linear(x, kernel, bias=None):
     return out if bias is None else out + ops.cast(bias, x.dtype)
 
 
+def attention(q, k, v, bias=None, scale=None, is_causal=False):
+    """`keras.ops.dot_product_attention` on (B, T, N, H) inputs.
+
+    XLA:CPU has no float16 x float16 -> float32 dot, which jax's attention asks for under `jit`;
+    there the float16 inputs are upcast to float32 (the softmax runs in float32 anyway).
+    """
+    dtype = keras.backend.standardize_dtype(q.dtype)
+    if dtype == "float16" and keras.config.backend() == "jax":
+        import jax
+
+        if jax.default_backend() == "cpu":
+            q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
+            bias = None if bias is None else ops.cast(bias, "float32")
+    out = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=is_causal)
+    return ops.cast(out, dtype)
+
+
 def compile_function(model, function):
     """`function(*args)` compiled once per input signature, reading `model`'s variables.
 

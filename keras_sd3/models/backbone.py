@@ -40,7 +40,8 @@ class StableDiffusion3Backbone(keras.Model):
         clip_l_config, clip_g_config: `CLIPConfig`s (or dicts) of the CLIP encoders, or None for a
             backbone without text encoders (embeddings must then be given).
         t5_config: a `T5Config` (or dict), or None: the T5 part of the context is then zeros.
-        image_shape: `(height, width, 3)` of generated images.
+        image_shape: `(height, width, 3)` of generated images; None for the model's native size
+            (`sample_size` latents: 1024 x 1024 for the real models).
         t5_zero_tokens: length of the zero context used in place of T5 when there is no T5
             (77 as in KerasHub, giving a (B, 154, 4096) context; diffusers uses `max_sequence_length`).
         dtype: Keras dtype or policy, e.g. "float32", "bfloat16", "float16", "mixed_bfloat16".
@@ -54,13 +55,16 @@ class StableDiffusion3Backbone(keras.Model):
 
     def __init__(
         self, mmdit_config, vae_config, clip_l_config=None, clip_g_config=None, t5_config=None,
-        image_shape=(1024, 1024, 3), t5_zero_tokens=77, dtype=None, **kwargs,
+        image_shape=None, t5_zero_tokens=77, dtype=None, **kwargs,
     ):
         super().__init__(dtype=dtype, **kwargs)
         if isinstance(mmdit_config, dict):
             mmdit_config = MMDiTConfig(**mmdit_config)
         if isinstance(vae_config, dict):
             vae_config = VAEConfig(**vae_config)
+        if image_shape is None:
+            side = mmdit_config.sample_size * vae_config.downsample_factor
+            image_shape = (side, side, 3)
         _check_image_shape(image_shape, mmdit_config, vae_config)
         self.mmdit_config, self.vae_config = mmdit_config, vae_config
         self.image_shape, self.t5_zero_tokens = tuple(image_shape), t5_zero_tokens
@@ -83,7 +87,7 @@ class StableDiffusion3Backbone(keras.Model):
         self.built = True
 
     @classmethod
-    def from_preset(cls, source, image_shape=(1024, 1024, 3), dtype=None, t5_zero_tokens=77):
+    def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=77):
         """Builds the backbone and loads its weights from a diffusers folder or a single `.safetensors` file.
 
         Text encoders are loaded when the checkpoint has them (`text_encoder*/` folders, or the

@@ -19,6 +19,7 @@ class MMDiTConfig:
         pos_embed_max_size: side P of the stored P x P position table.
         qk_norm: RMS-normalise queries and keys (SD3.5).
         dual_attention_layers: blocks with an extra image-only attention (SD3.5 Medium, MMDiT-X).
+        sample_size: native latent size (128 latents = 1024 px), the default image size.
     """
 
     num_layers: int = 24
@@ -33,6 +34,7 @@ class MMDiTConfig:
     pos_embed_max_size: int = 192
     qk_norm: bool = False
     dual_attention_layers: tuple = ()
+    sample_size: int = 128
 
     def __post_init__(self):
         object.__setattr__(self, "dual_attention_layers", tuple(self.dual_attention_layers))

@@ -8,7 +8,7 @@ Normalisations and softmax run in float32 whatever the compute dtype.
 import keras
 from keras import ops
 
-from keras_sd3.backend import linear
+from keras_sd3.backend import attention, linear
 
 
 class Linear(keras.layers.Dense):
@@ -50,7 +50,7 @@ def multi_head_attention(q, k, v, heads, is_causal=False, scale=None):
     """
     batch, head_dim = ops.shape(q)[0], ops.shape(q)[-1] // heads
     q, k, v = (ops.reshape(x, (batch, -1, heads, head_dim)) for x in (q, k, v))  # (B, T, N, H)
-    out = ops.dot_product_attention(q, k, v, scale=head_dim**-0.5 if scale is None else scale, is_causal=is_causal)
+    out = attention(q, k, v, scale=head_dim**-0.5 if scale is None else scale, is_causal=is_causal)
     return ops.reshape(out, (batch, -1, heads * head_dim))
 
 
@@ -179,7 +179,7 @@ class Attention(keras.layers.Layer):
             q = ops.concatenate([q, self._heads(context, self.add_q_proj, self.norm_added_q)], axis=1)
             k = ops.concatenate([k, self._heads(context, self.add_k_proj, self.norm_added_k)], axis=1)
             v = ops.concatenate([v, self._heads(context, self.add_v_proj, None)], axis=1)
-        out = ops.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = attention(q, k, v, scale=self.head_dim**-0.5)
         out = ops.reshape(out, (ops.shape(out)[0], -1, self.heads * self.head_dim))
         tokens = ops.shape(x)[1]
         image_out = self.to_out[0](out[:, :tokens])

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sd3.backend import attention
 from keras_sd3.models.clip import Embedding
 from keras_sd3.models.layers import RMSNorm, dense
 
@@ -83,7 +84,7 @@ class T5Attention(keras.layers.Layer):
         batch, heads, head_dim = ops.shape(x)[0], self.config.num_heads, self.config.d_kv
         q, k, v = (ops.reshape(p(x), (batch, -1, heads, head_dim)) for p in (self.q, self.k, self.v))
         bias = ops.cast(ops.broadcast_to(bias, (batch, *ops.shape(bias)[1:])), q.dtype)
-        out = ops.dot_product_attention(q, k, v, bias=bias, scale=1.0)
+        out = attention(q, k, v, bias=bias, scale=1.0)
         return self.o(ops.reshape(out, (batch, -1, heads * head_dim)))
 
 

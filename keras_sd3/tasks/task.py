@@ -41,7 +41,7 @@ class GenerationTask:
         self.compiled = CompiledSteps(backbone)
 
     @classmethod
-    def from_preset(cls, source, image_shape=(1024, 1024, 3), dtype=None, **kwargs):
+    def from_preset(cls, source, image_shape=None, dtype=None, **kwargs):
         """Loads the backbone and the preprocessor from a diffusers folder (see the backbone's `from_preset`)."""
         backbone = StableDiffusion3Backbone.from_preset(source, image_shape=image_shape, dtype=dtype, **kwargs)
         return cls(backbone, StableDiffusion3TextToImagePreprocessor.from_preset(source))
