@@ -10,7 +10,6 @@ Usage:
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 
@@ -49,15 +48,22 @@ def folder_bytes(folder):
     )
 
 
+def memory(field):
+    """`VmHWM` (peak) or `VmRSS` (current) of this process in bytes. (Not `ru_maxrss`, which a
+    child inherits from its parent across exec on Linux.)"""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 def worker(folder):
     import keras  # noqa: F401  (the backend's own memory is the baseline)
 
     from keras_sd3.models import StableDiffusion3Backbone
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = memory("VmRSS")
     StableDiffusion3Backbone.from_preset(folder, image_shape=(512, 512, 3), dtype="float16")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(after - before)
+    print(memory("VmHWM") - before)
 
 
 def main():
