@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from mmdit_step import SD3_MEDIUM_DIFFUSERS, timed_pairs  # noqa: E402
+from mmdit_step import SD3_MEDIUM_DIFFUSERS, SD3_VAE_DIFFUSERS, timed_pairs  # noqa: E402
 
 
 def tiny(folder):
@@ -45,12 +45,9 @@ def sd3_medium(dtype):
     from keras_sd3.weights import load_layer_weights
     from keras_sd3.weights.safetensors_file import TensorSource
 
-    vae_config = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                      block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
-                      scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     torch_dtype = getattr(torch, dtype)
     transformer = SD3Transformer2DModel(**SD3_MEDIUM_DIFFUSERS).to(torch_dtype).eval()
-    vae = AutoencoderKL(**vae_config).to(torch_dtype).eval()
+    vae = AutoencoderKL(**SD3_VAE_DIFFUSERS).to(torch_dtype).eval()
     no_text = {f"{part}{suffix}": None for part in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, **no_text)

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from mmdit_step import SD3_MEDIUM_DIFFUSERS  # noqa: E402  (same folder)
+from mmdit_step import SD3_MEDIUM_DIFFUSERS, SD3_VAE_DIFFUSERS  # noqa: E402  (same folder)
 
 
 def write_checkpoint(folder):
@@ -25,17 +25,7 @@ def write_checkpoint(folder):
     transformer = SD3Transformer2DModel(**SD3_MEDIUM_DIFFUSERS).to(torch.float16)
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     del transformer
-    vae = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 256, 512, 512],
-        layers_per_block=2,
-        latent_channels=16,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).to(torch.float16)
+    vae = AutoencoderKL(**SD3_VAE_DIFFUSERS).to(torch.float16)
     vae.save_pretrained(os.path.join(folder, "vae"))
 
 

@@ -27,6 +27,11 @@ SD3_MEDIUM_DIFFUSERS = dict(
     sample_size=128, num_layers=24, num_attention_heads=24, attention_head_dim=64,
     caption_projection_dim=1536, joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192,
 )
+SD3_VAE_DIFFUSERS = dict(
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16,
+    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+)
 
 
 def inputs(seed=0):
@@ -69,7 +74,7 @@ def diffusers_step_function(dtype):
     return step
 
 
-def keras_step_function(backbone, dtype):
+def keras_step_function(backbone):
     """The compiled forward pass as a user would run it on each backend."""
     import keras
 
@@ -126,7 +131,7 @@ def run_worker(implementation, dtype, repeats):
         from keras_sd3.models import SD3_MEDIUM, SD3_VAE, StableDiffusion3Backbone
 
         backbone = StableDiffusion3Backbone(SD3_MEDIUM, SD3_VAE, image_shape=(512, 512, 3), dtype=dtype)
-        ours = keras_step_function(backbone, dtype)
+        ours = keras_step_function(backbone)
     reference, ours = timed_pairs(diffusers_step_function(dtype), ours, repeats)
     return {"reference": reference, "ours": ours}
 
