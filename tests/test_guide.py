@@ -1,8 +1,10 @@
-"""Runs every code cell of the keras.io guide "Stable Diffusion 3 in KerasHub" against keras_sd3.
+"""Runs every code cell of the two keras.io guides ("Stable Diffusion 3 in KerasHub" and "A walk through
+latent space with Stable Diffusion 3") against keras_sd3.
 
-The only edits are the ones the issue allows: `keras_sd3` for `keras_hub`, a tiny local checkpoint for
-the preset name, the tiny model's image size for 512 x 512, stand-in pictures for the two downloaded
-photos, and no shell (`!pip`, `!wget`) lines. `matplotlib` is replaced by a recorder of what was shown.
+The only edits are the ones the issues allow: `keras_sd3` for `keras_hub`, a tiny local checkpoint for
+the preset name, the tiny model's image size for 512 x 512, fewer steps and frames, stand-in pictures
+for the two downloaded photos, and no shell (`!pip`, `!wget`) lines. `matplotlib` is replaced by a
+recorder of what was shown.
 """
 
 import os
@@ -10,32 +12,62 @@ import re
 import sys
 import types
 
+import keras
 import numpy as np
 import pytest
 from conftest import IMAGE_SHAPE
 from PIL import Image
 from tiny_text import build_pipeline
 
-GUIDE = os.path.join(os.path.dirname(__file__), "guides", "stable_diffusion_3_in_keras_hub.md")
+GUIDES = os.path.join(os.path.dirname(__file__), "guides")
 H, W, _ = IMAGE_SHAPE
+# The latent-walk guide, made small: image size, 2 steps, 8 frames, a 2 x 2 grid.
+WALK_EDITS = {
+    "height, width = 512, 512": f"height, width = {H}, {W}",
+    "num_steps = 28": "num_steps = 2",
+    "interpolation_steps = 8\n": "interpolation_steps = 2\n",  # the grid, before 64 becomes 8
+    "interpolation_steps = 64": "interpolation_steps = 8",
+    "walk_steps = 64": "walk_steps = 8",
+}
 
 
-def guide_cells():
-    with open(GUIDE, encoding="utf-8") as f:
+def guide_cells(name):
+    with open(os.path.join(GUIDES, name), encoding="utf-8") as f:
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
-def adapt(code, checkpoint):
-    code = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("!"))
+def adapt(code, checkpoint, edits=()):
+    code = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("!")) + "\n"
     code = code.replace('os.environ["KERAS_BACKEND"] = "jax"', "")
     code = code.replace("keras_hub", "keras_sd3").replace('"stable_diffusion_3_medium"', repr(checkpoint))
-    return code.replace("image_shape=(512, 512, 3)", f"image_shape={IMAGE_SHAPE}").replace(
+    code = code.replace("image_shape=(512, 512, 3)", f"image_shape={IMAGE_SHAPE}").replace(
         ".resize((512, 512))", f".resize(({W}, {H}))"
     )
+    for old, new in dict(edits).items():
+        code = code.replace(old, new)
+    return code
+
+
+class Axes:
+    def __init__(self, shown):
+        self.imshow = shown.append
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 class Shown(list):
-    """A stand-in for matplotlib.pyplot that records the images passed to imshow."""
+    """A stand-in for matplotlib.pyplot that records the images passed to imshow and the saved files."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved = []
+
+    def subplots(self, rows, columns, **kwargs):
+        return Axes(self), types.SimpleNamespace(flat=[Axes(self) for _ in range(rows * columns)])
+
+    def savefig(self, fname, **kwargs):
+        self.saved.append(fname)
 
     def __getattr__(self, name):
         return self.append if name == "imshow" else (lambda *args, **kwargs: None)
@@ -59,11 +91,11 @@ def guide_environment(tmp_path, monkeypatch):
 
 def test_every_guide_cell_runs(guide_environment):
     checkpoint, shown = guide_environment
-    cells = guide_cells()
+    cells = guide_cells("stable_diffusion_3_in_keras_hub.md")
     assert len(cells) >= 10
     namespace = {}
     for cell in cells:
-        exec(compile(adapt(cell, checkpoint), GUIDE, "exec"), namespace)
+        exec(compile(adapt(cell, checkpoint), "stable_diffusion_3_in_keras_hub.md", "exec"), namespace)
     # The cells display: 1 image, 3 prompts, 3 step counts, 3 negatives, 3 guidance scales,
     # the image-to-image pair, 3 strengths and the inpainting triple, concatenated side by side.
     widths = [np.asarray(image).shape[1] // W for image in shown]
@@ -72,3 +104,35 @@ def test_every_guide_cell_runs(guide_environment):
         assert np.asarray(image).shape[0] == H and np.asarray(image).dtype == np.uint8
     assert namespace["generated_image"].shape == IMAGE_SHAPE and namespace["generated_image"].dtype == np.uint8
     assert namespace["text_to_image"].backbone.compute_dtype == "float16"
+
+
+def gif_length(path):
+    with Image.open(path) as gif:
+        return gif.n_frames
+
+
+def test_every_latent_walk_guide_cell_runs(guide_environment):
+    checkpoint, shown = guide_environment
+    cells = guide_cells("random_walks_with_stable_diffusion_3.md")
+    assert len(cells) >= 10
+    namespace = {}
+    for cell in cells:
+        code = adapt(cell, checkpoint, WALK_EDITS)
+        exec(compile(code, "random_walks_with_stable_diffusion_3.md", "exec"), namespace)
+    # GIFs: 5 and 8 frames rubber-banded by the guide's export_as_gif (+ frames[2:-1] reversed), 8 looped.
+    assert [gif_length(name) for name in ("dog_to_cat_5.gif", "dog_to_cat_64.gif")] == [7, 13]
+    # On torch the guide's walk `positive_embeddings += delta` adds in place to the one tensor it appended
+    # each time, so all 8 frames are the last one and Pillow stores them as one GIF frame (the guide's code
+    # does the same with KerasHub on torch).
+    walk_frames = 1 if keras.config.backend() == "torch" else 13
+    assert [gif_length(name) for name in ("eiffel-tower-starry-night.gif", "cows.gif")] == [walk_frames, 8]
+    assert shown.saved == ["4-way-interpolation.jpg", "4-way-interpolation-varying-latent.jpg"]
+    assert len(shown) == 8 and all(np.asarray(image).shape == IMAGE_SHAPE for image in shown)
+    # The guide's own compiled loop gives keras_sd3's text-to-image result for the same noise.
+    from keras_sd3.models import StableDiffusion3TextToImage
+
+    task = StableDiffusion3TextToImage(namespace["backbone"], namespace["preprocessor"])
+    noise = np.asarray(namespace["ops"].convert_to_numpy(namespace["latents"][0][:1]), np.float32)
+    expected = task.generate(namespace["prompt"], num_steps=2, guidance_scale=7.0, latents=noise)
+    error = np.abs(namespace["images"][0].astype(int) - expected.astype(int)).max()
+    assert error <= 2, f"cows frame 0 differs from text-to-image by {error} / 255"
