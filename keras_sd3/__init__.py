@@ -1,5 +1,16 @@
-"""keras_sd3: Stable Diffusion 3 and 3.5 for Keras 3 (JAX, PyTorch, TensorFlow)."""
+"""keras_sd3: Stable Diffusion 3 and 3.5 for Keras 3 (JAX, PyTorch, TensorFlow).
 
-from keras_sd3 import explore, media, models, sampling, text, weights
+Sub-packages are imported on first use, so that `keras-sd3` can choose the Keras backend before
+Keras is imported.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+_SUBMODULES = ("cli", "explore", "media", "models", "presets", "sampling", "tasks", "text", "training", "weights")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_sd3.{name}")
+    raise AttributeError(f"module 'keras_sd3' has no attribute {name!r}")

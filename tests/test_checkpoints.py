@@ -217,7 +217,7 @@ def test_folder_without_vae_raises(sd3_reference, tmp_path):
 
 
 def test_unknown_source_raises():
-    with pytest.raises(CheckpointError, match="neither a diffusers folder nor a .safetensors file"):
+    with pytest.raises(CheckpointError, match="neither a diffusers folder, a .safetensors file nor a preset"):
         StableDiffusion3Backbone.from_preset("/no/such/checkpoint")
 
 

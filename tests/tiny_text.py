@@ -6,8 +6,9 @@ transformers' tokenizers can be built from the same files as the reference.
 """
 
 import itertools
-import json
 import os
+
+from keras_sd3.training import clip_tokenizer
 
 WORDS = [
     "a", "photo", "of", "the", "cat", "dog", "astronaut", "in", "jungle", "cold", "color", "palette",
@@ -51,47 +52,9 @@ PROMPTS = [
 ] + [" ".join(itertools.islice(itertools.cycle(WORDS), i, i + 3 + i % 11)) for i in range(40)]
 
 
-def write_json(path, value):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False)
-
-
 def train_clip_tokenizer(folder, pad_token):
-    """A byte-level BPE in CLIP's format (vocab.json, merges.txt, tokenizer configs)."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=alphabet + [c + "</w>" for c in alphabet],
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    os.makedirs(folder, exist_ok=True)
-    tokenizer.model.save(folder)
-    # As in the real CLIP vocabulary, the two special tokens take the last ids (bos = n - 2, eos = n - 1).
-    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    order = sorted(vocab, key=vocab.get)
-    order = [t for t in order if t not in ("<|startoftext|>", "<|endoftext|>")] + ["<|startoftext|>", "<|endoftext|>"]
-    write_json(os.path.join(folder, "vocab.json"), {t: i for i, t in enumerate(order)})
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    write_json(os.path.join(folder, "special_tokens_map.json"), special)
-    write_json(os.path.join(folder, "tokenizer_config.json"),
-               dict(special, model_max_length=77, tokenizer_class="CLIPTokenizer"))
-    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-        return len(json.load(f))
+    """A byte-level BPE in CLIP's format (vocab.json, merges.txt, tokenizer configs) on the test corpus."""
+    return clip_tokenizer.train_clip_tokenizer(folder, CORPUS, pad_token, vocab_size=700)
 
 
 def train_t5_tokenizer(folder, with_tokenizer_json):

@@ -32,7 +32,7 @@ def as_task(model):
     raise TypeError(f"model must be a keras_sd3 task or StableDiffusion3Backbone, got {type(model).__name__}.")
 
 
-def generate_from_embeddings(model, latents, embeddings, num_steps=28, guidance_scale=7.0, batch_size=4,
+def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidance_scale=None, batch_size=4,
                              progress=False):
     """The latent-walk guide's `generate_with_latents_and_embeddings` for any number of frames.
 
@@ -45,8 +45,8 @@ def generate_from_embeddings(model, latents, embeddings, num_steps=28, guidance_
         latents: starting noise (N, h, w, C), or (1, h, w, C) shared by all frames.
         embeddings: the 4-tuple `(positive, negative, positive_pooled, negative_pooled)`, each with
             batch N or 1 (shared).
-        num_steps: denoising steps.
-        guidance_scale: classifier-free guidance; None or <= 1 disables it.
+        num_steps: denoising steps (default: the task's preset default, else 28).
+        guidance_scale: classifier-free guidance, <= 1 disables it (default: the preset's, else 7).
         batch_size: frames per compiled call.
         progress: draw a progress bar (batches) on stderr.
 
@@ -66,11 +66,11 @@ def generate_from_embeddings(model, latents, embeddings, num_steps=28, guidance_
     batches = -(-frames // batch_size)
     tensors = [_pad_batch(x, batches * batch_size) for x in tensors]
     task.check_noise(ops.convert_to_numpy(tensors[0][:batch_size]), batch_size, "latents")
-    guidance = 1.0 if guidance_scale is None else guidance_scale
+    num_steps, guidance_scale, _ = task.settings(num_steps, guidance_scale, None)
     images = []
     for i in range(batches):
         latents, *parts = (x[i * batch_size : (i + 1) * batch_size] for x in tensors)
-        images.append(task.run(ops.convert_to_numpy(latents), tuple(parts), num_steps, guidance))
+        images.append(task.run(ops.convert_to_numpy(latents), tuple(parts), num_steps, guidance_scale))
         if progress:
             progress_bar(i + 1, batches)
     return np.concatenate(images)[:frames]

@@ -87,11 +87,13 @@ class StableDiffusion3Backbone(keras.Model):
         self.built = True
 
     @classmethod
-    def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=77):
+    def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=None):
         """Builds the backbone and loads its weights from a diffusers folder or a single `.safetensors` file.
 
         Text encoders are loaded when the checkpoint has them (`text_encoder*/` folders, or the
         `text_encoders.*` tensors of `*_incl_clips*` files); a checkpoint without T5 loads without it.
+        `t5_zero_tokens` defaults to the checkpoint's own value (`model_index.json` "_keras_sd3",
+        written for the tiny models) or 77.
 
         Raises:
             CheckpointError: the source is not an SD3 checkpoint, or a tensor is missing, unexpected
@@ -102,7 +104,8 @@ class StableDiffusion3Backbone(keras.Model):
         backbone = cls(
             checkpoint.mmdit.config, checkpoint.vae.config,
             **{f"{name}_config": part and part.config for name, part in parts.items()},
-            image_shape=image_shape, t5_zero_tokens=t5_zero_tokens, dtype=dtype,
+            image_shape=image_shape, dtype=dtype,
+            t5_zero_tokens=next(n for n in (t5_zero_tokens, checkpoint.t5_zero_tokens, 77) if n is not None),
         )
         load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}")
         load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")

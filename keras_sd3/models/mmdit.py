@@ -8,6 +8,7 @@ queries and keys) and `dual_attention_layers` (MMDiT-X: an extra image-only atte
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sd3.models.layers import Attention, FeedForward, Modulation, conv, dense, layer_norm, modulate
@@ -21,6 +22,25 @@ def timestep_sinusoid(timestep, dim=256, max_period=10000.0):
     return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
 
 
+def sincos_position_table(dim, size, base_size):
+    """SD3's fixed 2-D sin-cos position table, (1, size * size, dim), row-major over (y, x).
+
+    Coordinates are `arange(size) * base_size / size`; the first `dim / 2` channels encode x and the
+    rest y, each as `[sin(p * w), cos(p * w)]` with `w = 10000 ** -(arange(dim / 4) / (dim / 4))`.
+    Checkpoints store the table; this is the value a freshly built model starts from.
+    """
+    coords = np.arange(size, dtype=np.float64) * base_size / size
+    omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+    def encode(positions):  # (N,) -> (N, dim / 2)
+        angles = np.outer(positions, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    table = np.concatenate([encode(x.reshape(-1)), encode(y.reshape(-1))], axis=1)
+    return table[None].astype(np.float32)
+
+
 class PatchEmbed(keras.layers.Layer):
     """Patchify (2x2 conv) plus the centre crop of the stored P x P position table."""
 
@@ -28,8 +48,10 @@ class PatchEmbed(keras.layers.Layer):
         super().__init__(**kwargs)
         self.size, dim = config.pos_embed_max_size, config.hidden_size
         self.proj = conv(dim, config.in_channels, config.patch_size, self.dtype_policy, config.patch_size, "valid")
+        table = sincos_position_table(dim, self.size, config.sample_size // config.patch_size)
         self.pos_embed = self.add_weight(
-            shape=(1, self.size * self.size, dim), initializer="zeros", trainable=False, name="pos_embed"
+            shape=table.shape, initializer=lambda shape, dtype=None: ops.cast(table, dtype or "float32"),
+            trainable=False, name="pos_embed",
         )
         self.built = True
 

@@ -18,8 +18,9 @@ class StableDiffusion3ImageToImage(GenerationTask):
     """
 
     required_keys = ("images", "prompts")
+    default_num_steps = 50  # KerasHub's
 
-    def generate(self, inputs, num_steps=50, guidance_scale=7.0, strength=0.8, seed=None, noise=None, num_images=1,
+    def generate(self, inputs, num_steps=None, guidance_scale=None, strength=0.8, seed=None, noise=None, num_images=1,
                  embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False):
         """Generates images from `{"images", "prompts"[, "negative_prompts"]}`.
 
@@ -34,6 +35,8 @@ class StableDiffusion3ImageToImage(GenerationTask):
                                    progress=progress))
 
     def _generate(self, inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings, options):
+        num_steps, guidance_scale, options["skip_layer_guidance"] = self.settings(
+            num_steps, guidance_scale, options["skip_layer_guidance"])
         strength, num_steps = check_strength(strength), check_num_steps(num_steps)
         single, inputs, embeddings = self.prepare(inputs, self.required_keys, embeddings, num_images)
         batch = embeddings[0].shape[0]

@@ -13,7 +13,7 @@ class StableDiffusion3Inpaint(StableDiffusion3ImageToImage):
 
     required_keys = ("images", "masks", "prompts")
 
-    def generate(self, inputs, num_steps=50, guidance_scale=7.0, strength=0.6, seed=None, noise=None, num_images=1,
+    def generate(self, inputs, num_steps=None, guidance_scale=None, strength=0.6, seed=None, noise=None, num_images=1,
                  embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False):
         """Generates images from `{"images", "masks", "prompts"[, "negative_prompts"]}`.
 

@@ -1,11 +1,12 @@
 """What the three generation tasks share: prompts -> embeddings, noise, the compiled loop, output."""
 
+import os
 import sys
 
 import numpy as np
 from keras import ops
 
-from keras_sd3 import sampling
+from keras_sd3 import presets, sampling
 from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.tasks.inputs import check_num_steps, parse_prompts
 from keras_sd3.tasks.loop import CompiledSteps, scalar
@@ -34,17 +35,32 @@ class GenerationTask:
         backbone: a `StableDiffusion3Backbone`.
         preprocessor: a `StableDiffusion3TextToImagePreprocessor`, or None when only precomputed
             embeddings are given.
+        defaults: `{"num_steps", "guidance_scale", "skip_layer_guidance"}` used when `generate()` is
+            not given them (a preset's recommendations); otherwise KerasHub's defaults.
     """
 
-    def __init__(self, backbone, preprocessor=None):
+    default_num_steps = 28
+
+    def __init__(self, backbone, preprocessor=None, defaults=None):
         self.backbone, self.preprocessor = backbone, preprocessor
+        self.defaults = dict(defaults or {})
         self.compiled = CompiledSteps(backbone)
 
     @classmethod
     def from_preset(cls, source, image_shape=None, dtype=None, **kwargs):
-        """Loads the backbone and the preprocessor from a diffusers folder (see the backbone's `from_preset`)."""
-        backbone = StableDiffusion3Backbone.from_preset(source, image_shape=image_shape, dtype=dtype, **kwargs)
-        return cls(backbone, StableDiffusion3TextToImagePreprocessor.from_preset(source))
+        """Loads the backbone and the preprocessor from a diffusers folder, a single file or a preset
+        name (see the backbone's `from_preset`); a preset also sets the generation defaults."""
+        path, preset = presets.resolve(source)
+        backbone = StableDiffusion3Backbone.from_preset(path, image_shape=image_shape, dtype=dtype, **kwargs)
+        preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(path) if os.path.isdir(path) else None
+        return cls(backbone, preprocessor, preset.defaults if preset else None)
+
+    def settings(self, num_steps, guidance_scale, skip_layer_guidance):
+        """The given values, else this task's `defaults`, else KerasHub's (guidance 7, no SLG)."""
+        defaults = {"num_steps": self.default_num_steps, "guidance_scale": 7.0, "skip_layer_guidance": None,
+                    **self.defaults}
+        given = {"num_steps": num_steps, "guidance_scale": guidance_scale, "skip_layer_guidance": skip_layer_guidance}
+        return tuple(defaults[k] if v is None else v for k, v in given.items())
 
     def encode(self, prompts, negatives):
         """Prompts -> the 4-tuple of embeddings."""
@@ -93,6 +109,7 @@ class GenerationTask:
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}.")
         if skip_layer_guidance is True:
             skip_layer_guidance = sampling.SkipLayerGuidance()
+        skip_layer_guidance = skip_layer_guidance or None
         zeros = np.zeros((latents.shape[0], *self.backbone.latent_shape[:2], 1), np.float32)
         noise, image_latents, mask = inpaint if inpaint is not None else (latents, latents, zeros)
         options = dict(use_cfg=guidance_scale > 1.0, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance)

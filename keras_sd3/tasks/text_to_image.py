@@ -11,14 +11,15 @@ class StableDiffusion3TextToImage(GenerationTask):
         >>> image = text_to_image.generate("a red circle on a blue background", seed=0)  # (512, 512, 3) uint8
     """
 
-    def generate(self, inputs=None, num_steps=28, guidance_scale=7.0, seed=None, latents=None, num_images=1,
+    def generate(self, inputs=None, num_steps=None, guidance_scale=None, seed=None, latents=None, num_images=1,
                  embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False):
         """Generates images.
 
         Args:
             inputs: a prompt, a list of prompts, or `{"prompts", "negative_prompts"}`.
-            num_steps: denoising steps.
-            guidance_scale: classifier-free guidance; `<= 1` disables it (one pass per step, Turbo).
+            num_steps: denoising steps (default: the preset's, else 28).
+            guidance_scale: classifier-free guidance; `<= 1` disables it (one pass per step, Turbo)
+                (default: the preset's, else 7.0).
             seed: seed of the initial noise (NumPy generator: the same images on every backend).
             latents: explicit (B, h, w, C) initial noise, e.g. to reproduce a diffusers run.
             num_images: images per prompt.
@@ -32,6 +33,7 @@ class StableDiffusion3TextToImage(GenerationTask):
         Returns:
             (H, W, 3) uint8 for one prompt string, else (B, H, W, 3); latents likewise.
         """
+        num_steps, guidance_scale, skip_layer_guidance = self.settings(num_steps, guidance_scale, skip_layer_guidance)
         single, _, embeddings = self.prepare(inputs, ("prompts",), embeddings, num_images)
         batch = embeddings[0].shape[0]
         latents = self.noise(batch, seed) if latents is None else self.check_noise(latents, batch, "latents")

@@ -26,10 +26,12 @@ class StableDiffusion3TextToImagePreprocessor:
         """Loads `tokenizer/`, `tokenizer_2/` and, if present, `tokenizer_3/` of a diffusers folder.
 
         Args:
-            source: a diffusers-format folder.
+            source: a diffusers-format folder or a preset name.
             max_sequence_length: T5 length (diffusers' default 256, at most 512).
         """
-        source = os.fspath(source)
+        from keras_sd3 import presets
+
+        source, _ = presets.resolve(source)
         if not os.path.isdir(source):
             raise ValueError(
                 f"{source!r} is not a diffusers folder: single-file checkpoints carry no tokenizer files; "

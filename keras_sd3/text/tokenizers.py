@@ -80,9 +80,12 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id, self.pad_id = (vocab[t] for t in (bos_token, eos_token, pad_token))
 
     @classmethod
-    def from_folder(cls, folder, sequence_length=77):
+    def from_folder(cls, folder, sequence_length=None):
         """Loads `vocab.json` + `merges.txt`, or the BPE model of `tokenizer.json` (transformers 5 saves
-        only that), plus the special tokens of the tokenizer configs."""
+        only that), plus the special tokens of the tokenizer configs.
+
+        `sequence_length` defaults to the `model_max_length` of `tokenizer_config.json` (77 in the
+        real SD3 tokenizers), or 77 when there is none."""
         vocab, merges_path = _read_json(os.path.join(folder, "vocab.json")), os.path.join(folder, "merges.txt")
         if vocab is not None and os.path.isfile(merges_path):
             with open(merges_path, encoding="utf-8") as f:
@@ -97,6 +100,9 @@ class CLIPTokenizer:
             vocab, merges = model["vocab"], model["merges"]
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
         special = _special_tokens(folder)
+        if sequence_length is None:
+            stored = _read_json(os.path.join(folder, "tokenizer_config.json"), {}).get("model_max_length", 77)
+            sequence_length = int(stored) if stored and stored <= 4096 else 77
         return cls(
             vocab, merges,
             pad_token=special.get("pad_token", "<|endoftext|>"),

@@ -49,6 +49,7 @@ class Checkpoint:
     clip_g: Part = None
     t5: Part = None
     tokenizers: dict = dataclasses.field(default_factory=dict)
+    t5_zero_tokens: int = None  # set by a folder's model_index.json "_keras_sd3" entry (tiny models)
 
 
 def _read_json(path):
@@ -90,6 +91,9 @@ def _open_folder(folder):
             open_weights(vae, "diffusion_pytorch_model"),
         ),
     )
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        checkpoint.t5_zero_tokens = _read_json(index).get("_keras_sd3", {}).get("t5_zero_tokens")
     for name in TEXT_FOLDERS:
         setattr(checkpoint, name, _open_text_folder(folder, name))
         tokenizer = os.path.join(folder, TOKENIZER_FOLDERS[name])
@@ -133,14 +137,13 @@ def _open_single_file(path):
 
 
 def open_checkpoint(source):
-    """Opens a diffusers-format folder or an original single-file `.safetensors` checkpoint.
+    """Opens a diffusers-format folder, an original single-file `.safetensors` checkpoint or a preset.
 
     Raises:
-        CheckpointError: the source does not exist or is not an SD3 / SD3.5 checkpoint.
+        CheckpointError: the source does not exist or is not an SD3 / SD3.5 checkpoint
+            (`presets.PresetError` for a preset that is not available).
     """
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        return _open_folder(source)
-    if os.path.isfile(source):
-        return _open_single_file(source)
-    raise CheckpointError(f"{source!r} is neither a diffusers folder nor a .safetensors file.")
+    from keras_sd3 import presets
+
+    source, _ = presets.resolve(source)
+    return _open_folder(source) if os.path.isdir(source) else _open_single_file(source)
