@@ -138,11 +138,9 @@ def main(argv=None):
         if path is not None and not os.path.isfile(path):
             parser.error(f"--{name} {path!r} does not exist")
     choose_backend(args.backend)
-    from keras_sd3.weights.safetensors_file import CheckpointError
-
     try:
         run(args)
-    except (ValueError, CheckpointError, OSError) as error:
+    except (ValueError, OSError) as error:  # CheckpointError and PresetError are ValueErrors
         print(f"keras-sd3: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -9,15 +9,11 @@ Each preset carries its recommended generation defaults, which the tasks' `from_
 import dataclasses
 import os
 
-from keras_sd3.weights.safetensors_file import CheckpointError
+from keras_sd3.errors import PresetError
 
-EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 # Only the diffusers parts: the repositories also hold multi-GB single files that are not needed.
 DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model"]
-
-
-class PresetError(CheckpointError):
-    """A preset name that cannot be resolved to a local folder (unknown, or not downloaded)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Trains the embedded `sd3_tiny_shapes` preset from scratch (see keras_sd3/training/tiny_shapes.py).
 
-    KERAS_BACKEND=torch python scripts/train_tiny_shapes.py --output keras_sd3/presets/sd3_tiny_shapes
+    KERAS_BACKEND=torch python scripts/train_tiny_shapes.py --output keras_sd3/embedded/sd3_tiny_shapes
 
 About 35 minutes on a 2-core CPU with the defaults (torch backend; jax works too).
 """
@@ -14,7 +14,7 @@ from keras_sd3.training import tiny_shapes  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default="keras_sd3/presets/sd3_tiny_shapes")
+    parser.add_argument("--output", default="keras_sd3/embedded/sd3_tiny_shapes")
     parser.add_argument("--num-images", type=int, default=8000)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--mmdit-steps", type=int, default=3500)

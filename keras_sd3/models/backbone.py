@@ -15,7 +15,7 @@ from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
 from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.models.vae import VAE
-from keras_sd3.weights import load_layer_weights, open_checkpoint
+from keras_sd3.weights.assign import load_layer_weights
 
 TEXT_ENCODERS = {"clip_l": (CLIPConfig, CLIPTextEncoder), "clip_g": (CLIPConfig, CLIPTextEncoder), "t5": (T5Config, T5Encoder)}
 
@@ -99,6 +99,8 @@ class StableDiffusion3Backbone(keras.Model):
             CheckpointError: the source is not an SD3 checkpoint, or a tensor is missing, unexpected
                 or mis-shaped (the message names it).
         """
+        from keras_sd3.weights.checkpoint import open_checkpoint  # (keras_sd3.weights imports the model configs)
+
         checkpoint = open_checkpoint(source)
         parts = {name: getattr(checkpoint, name) for name in TEXT_ENCODERS}
         backbone = cls(

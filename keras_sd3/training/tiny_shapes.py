@@ -1,6 +1,6 @@
 """Trains the embedded preset `sd3_tiny_shapes` from scratch: an SD3-architecture model of simple shapes.
 
-`python scripts/train_tiny_shapes.py --output keras_sd3/presets/sd3_tiny_shapes` reruns it: a CLIP
+`python scripts/train_tiny_shapes.py --output keras_sd3/embedded/sd3_tiny_shapes` reruns it: a CLIP
 tokenizer trained on the caption words, random frozen tiny CLIP-L / CLIP-G encoders (seeded), a tiny
 VAE trained on the pictures, then the MMDiT trained with rectified flow on the VAE latents. The
 result is written as a diffusers folder (loadable by keras_sd3 and by diffusers).

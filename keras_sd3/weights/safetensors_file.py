@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from keras_sd3.errors import CheckpointError  # noqa: F401 (re-exported)
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -28,10 +30,6 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, incomplete or does not fit the model."""
 
 
 class TensorSource:
