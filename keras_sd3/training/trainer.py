@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sd3.models.layers import Attention
 from keras_sd3.sampling.flow_match import NUM_TRAIN_TIMESTEPS
 
 
@@ -67,11 +68,35 @@ class FlowMatchingBatches(keras.utils.PyDataset):
 
 
 def freeze_all_but_mmdit(backbone):
-    """Only the MMDiT trains; the VAE and text encoders are frozen (the SD3 recipe)."""
+    """The VAE and text encoders are frozen (the SD3 recipe); the MMDiT's own flags are left as they
+    are (all trainable, or only the adapters after `enable_lora`)."""
     for name in ("vae", "clip_l", "clip_g", "t5"):
         if getattr(backbone, name, None) is not None:
             getattr(backbone, name).trainable = False
-    backbone.diffuser.trainable = True
+
+
+def enable_lora(backbone, rank=4, targets=("to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj",
+                                            "add_v_proj", "to_add_out")):
+    """Fine-tunes only low-rank adapters: Keras' `Dense.enable_lora(rank)` on the MMDiT's attention
+    projections named in `targets`; every other MMDiT weight is frozen, so `train_mmdit` then trains
+    the adapters alone. Exporting (`save_diffusers_folder`) writes the merged kernels.
+
+    Returns:
+        The number of layers given an adapter.
+    """
+    count = 0
+    for layer in backbone.diffuser._flatten_layers():
+        if not isinstance(layer, Attention):
+            continue
+        for name in targets:
+            value = getattr(layer, name, None)
+            for dense in value if isinstance(value, list) else [value]:
+                if isinstance(dense, keras.layers.Dense):
+                    dense.enable_lora(rank)
+                    count += 1
+    for variable in backbone.diffuser.weights:
+        variable.trainable = "lora_kernel" in variable.path
+    return count
 
 
 def cosine_schedule(learning_rate, steps, warmup):
