@@ -89,13 +89,19 @@ def guide_environment(tmp_path, monkeypatch):
     return str(tmp_path / "checkpoint"), shown
 
 
-def test_every_guide_cell_runs(guide_environment):
-    checkpoint, shown = guide_environment
-    cells = guide_cells("stable_diffusion_3_in_keras_hub.md")
+def run_guide(name, checkpoint, edits=()):
+    """Executes every code cell of guide `name` in one namespace, which it returns."""
+    cells = guide_cells(name)
     assert len(cells) >= 10
     namespace = {}
     for cell in cells:
-        exec(compile(adapt(cell, checkpoint), "stable_diffusion_3_in_keras_hub.md", "exec"), namespace)
+        exec(compile(adapt(cell, checkpoint, edits), name, "exec"), namespace)
+    return namespace
+
+
+def test_every_guide_cell_runs(guide_environment):
+    checkpoint, shown = guide_environment
+    namespace = run_guide("stable_diffusion_3_in_keras_hub.md", checkpoint)
     # The cells display: 1 image, 3 prompts, 3 step counts, 3 negatives, 3 guidance scales,
     # the image-to-image pair, 3 strengths and the inpainting triple, concatenated side by side.
     widths = [np.asarray(image).shape[1] // W for image in shown]
@@ -113,12 +119,7 @@ def gif_length(path):
 
 def test_every_latent_walk_guide_cell_runs(guide_environment):
     checkpoint, shown = guide_environment
-    cells = guide_cells("random_walks_with_stable_diffusion_3.md")
-    assert len(cells) >= 10
-    namespace = {}
-    for cell in cells:
-        code = adapt(cell, checkpoint, WALK_EDITS)
-        exec(compile(code, "random_walks_with_stable_diffusion_3.md", "exec"), namespace)
+    namespace = run_guide("random_walks_with_stable_diffusion_3.md", checkpoint, WALK_EDITS)
     # GIFs: 5 and 8 frames rubber-banded by the guide's export_as_gif (+ frames[2:-1] reversed), 8 looped.
     assert [gif_length(name) for name in ("dog_to_cat_5.gif", "dog_to_cat_64.gif")] == [7, 13]
     # On torch the guide's walk `positive_embeddings += delta` adds in place to the one tensor it appended
