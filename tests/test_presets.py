@@ -95,3 +95,14 @@ def test_embedded_preset_loads_offline_and_is_small(no_network):
     task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes")
     assert task.backbone.image_shape == (64, 64, 3) and task.backbone.t5 is None
     assert task.defaults["num_steps"] == presets.PRESETS["sd3_tiny_shapes"].num_steps
+
+
+def test_embedded_model_draws_the_prompted_colours_and_shapes():
+    """A subset of benchmarks/evaluate_shapes.py (48 prompts there; numbers in BENCHMARKS.md)."""
+    from keras_sd3.training import evaluate
+
+    task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes")
+    _, result = evaluate.evaluate(task, count=12)
+    # Lower bounds well under the measured 48-prompt accuracies, far above chance (1/56 and 1/3).
+    assert result["color_accuracy"] >= 0.8, result
+    assert result["shape_accuracy"] >= 0.6, result

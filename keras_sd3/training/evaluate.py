@@ -1,9 +1,9 @@
 """Scoring generated shape pictures: does the image show the prompt's shape, colour and background?
 
 The analyser knows nothing of the model: the background colour is the median of the image border,
-the shape is every pixel far from it, its colour the median of those pixels (each snapped to the
-nearest named colour), and its class comes from how much of its bounding box it fills (square 1,
-circle pi / 4, triangle 1 / 2).
+the shape is the largest connected region of pixels far from it (specks and halos elsewhere are
+ignored), its colour the median of those pixels (each snapped to the nearest named colour), and its
+class comes from how much of its bounding box it fills (square 1, circle pi / 4, triangle 1 / 2).
 """
 
 import numpy as np
@@ -28,6 +28,7 @@ def analyse(image, threshold=80.0):
     result = {"background": nearest_color(background), "color": None, "shape": None}
     if mask.sum() < 0.01 * mask.size:
         return result
+    mask = largest_region(mask)
     result["color"] = nearest_color(np.median(image[mask], axis=0))
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
@@ -35,6 +36,28 @@ def analyse(image, threshold=80.0):
     result["shape"] = "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
     result["fill"] = float(fill)
     return result
+
+
+def largest_region(mask):
+    """The largest 4-connected region of a boolean (H, W) mask (iterative flood fill)."""
+    labels = np.zeros(mask.shape, np.int32)
+    best, best_size, label = None, 0, 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        label += 1
+        stack, size = [start], 0
+        labels[start] = label
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best
 
 
 def evaluation_prompts(count=48, seed=123):

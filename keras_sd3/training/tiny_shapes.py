@@ -9,6 +9,7 @@ result is written as a diffusers folder (loadable by keras_sd3 and by diffusers)
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -65,25 +66,34 @@ def encode_images(backbone, images, batch_size=64):
 
 
 def build(output, num_images=8000, vae_steps=800, mmdit_steps=3000, batch_size=64, num_layers=4, seed=0,
-          dtype="float16"):
-    """Trains the whole model and writes it to `output` (a diffusers folder). Returns the backbone."""
+          dtype="float16", resume=None, learning_rate=1e-3):
+    """Trains the model and writes it to `output` (a diffusers folder). Returns the backbone.
+
+    With `resume` (a folder written by an earlier `build`), training continues from its weights and
+    tokenizer on a fresh dataset drawn from `seed` (pass `vae_steps=0` to keep its VAE).
+    """
     keras.utils.set_random_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_folder = os.path.join(scratch, "tokenizer")
-        vocab_size = clip_tokenizer.train_clip_tokenizer(
-            tokenizer_folder, shapes.vocabulary_corpus(), vocab_size=600, model_max_length=CLIP_LENGTH)
+        if resume is None:
+            vocab_size = clip_tokenizer.train_clip_tokenizer(
+                tokenizer_folder, shapes.vocabulary_corpus(), vocab_size=600, model_max_length=CLIP_LENGTH)
+            clip_l, clip_g = clip_configs(vocab_size)
+            backbone = StableDiffusion3Backbone(mmdit_config(num_layers), VAE, clip_l, clip_g, None,
+                                                image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), t5_zero_tokens=0)
+        else:
+            shutil.copytree(os.path.join(resume, "tokenizer"), tokenizer_folder)
+            backbone = StableDiffusion3Backbone.from_preset(resume)
         tokenizer = CLIPTokenizer.from_folder(tokenizer_folder)
         preprocessor = StableDiffusion3TextToImagePreprocessor(tokenizer, tokenizer)
-        clip_l, clip_g = clip_configs(vocab_size)
-        backbone = StableDiffusion3Backbone(mmdit_config(num_layers), VAE, clip_l, clip_g, None,
-                                            image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), t5_zero_tokens=0)
         images, captions, _ = shapes.shapes_dataset(num_images, seed, IMAGE_SIZE)
-        log(f"dataset: {num_images} images, {len(set(captions))} distinct captions; vocabulary {vocab_size}")
+        log(f"dataset: {num_images} images, {len(set(captions))} distinct captions")
 
-        history = trainer.train_vae(backbone.vae, images, vae_steps, batch_size=16, seed=seed)
-        shift, scale = trainer.latent_statistics(backbone, images[:1024])
-        backbone.vae_config = dataclasses.replace(VAE, shift_factor=shift, scaling_factor=scale)
-        log(f"VAE: loss {history.history['loss'][-1]:.4f}; latent shift {shift:.4f}, scale {scale:.4f}")
+        if vae_steps:
+            history = trainer.train_vae(backbone.vae, images, vae_steps, batch_size=16, seed=seed)
+            shift, scale = trainer.latent_statistics(backbone, images[:1024])
+            backbone.vae_config = dataclasses.replace(backbone.vae_config, shift_factor=shift, scaling_factor=scale)
+            log(f"VAE: loss {history.history['loss'][-1]:.4f}; latent shift {shift:.4f}, scale {scale:.4f}")
 
         latents = encode_images(backbone, images)
         distinct = sorted(set(captions)) + [""]
@@ -91,11 +101,14 @@ def build(output, num_images=8000, vae_steps=800, mmdit_steps=3000, batch_size=6
         index = {caption: i for i, caption in enumerate(distinct)}
         batches = trainer.FlowMatchingBatches(latents, contexts, pooled, [index[c] for c in captions], index[""],
                                               batch_size, mmdit_steps, seed)
-        history = trainer.train_mmdit(backbone, batches)
+        history = trainer.train_mmdit(backbone, batches, learning_rate)
         log(f"MMDiT: loss {history.history['loss'][-1]:.4f}")
         save_diffusers_folder(backbone, output, {"clip_l": tokenizer_folder, "clip_g": tokenizer_folder}, dtype)
     with open(os.path.join(output, "training.json"), "w") as f:
-        json.dump(dict(num_images=num_images, vae_steps=vae_steps, mmdit_steps=mmdit_steps, batch_size=batch_size,
-                       num_layers=num_layers, seed=seed, backend=keras.config.backend()), f, indent=2)
+        stages = [] if resume is None else json.load(open(os.path.join(resume, "training.json")))["stages"]
+        stage = dict(num_images=num_images, vae_steps=vae_steps, mmdit_steps=mmdit_steps, batch_size=batch_size,
+                     num_layers=num_layers, seed=seed, learning_rate=learning_rate, resumed=resume is not None,
+                     backend=keras.config.backend(), final_loss=round(history.history["loss"][-1], 4))
+        json.dump({"stages": stages + [stage]}, f, indent=2)
     log(f"wrote {output}")
     return backbone
