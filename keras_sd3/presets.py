@@ -126,11 +126,15 @@ def preset_folder(name):
 
 
 def resolve(source):
-    """A folder, a file or a preset name -> `(local path, Preset or None)`."""
+    """A preset name, a folder or a file -> `(local path, Preset or None)`.
+
+    A preset name wins over a folder of the same name in the working directory (write
+    `./sd3_tiny_shapes` for the folder).
+    """
     source = os.fspath(source)
-    if os.path.exists(source):
-        return source, None
     if source in PRESETS:
         return preset_folder(source), PRESETS[source]
+    if os.path.exists(source):
+        return source, None
     raise PresetError(f"{source!r} is neither a diffusers folder, a .safetensors file nor a preset "
                       f"({', '.join(sorted(PRESETS))}).")

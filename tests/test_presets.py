@@ -106,3 +106,10 @@ def test_embedded_model_draws_the_prompted_colours_and_shapes():
     # Lower bounds well under the measured 48-prompt accuracies, far above chance (1/56 and 1/3).
     assert result["color_accuracy"] >= 0.8, result
     assert result["shape_accuracy"] >= 0.6, result
+
+
+def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "sd3_tiny_shapes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert presets.resolve("sd3_tiny_shapes") == (presets.preset_folder("sd3_tiny_shapes"), presets.PRESETS["sd3_tiny_shapes"])
+    assert presets.resolve("./sd3_tiny_shapes") == ("./sd3_tiny_shapes", None)
