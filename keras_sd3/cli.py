@@ -85,12 +85,14 @@ def read_picture(path, size, mode):
     import numpy as np
     from PIL import Image
 
+    from keras_sd3.tasks.task import from_uint8
+
     with Image.open(path) as picture:
         picture = picture.convert(mode)
         if size is not None and picture.size != (size[1], size[0]):
             picture = picture.resize((size[1], size[0]), Image.BICUBIC if mode == "RGB" else Image.NEAREST)
         array = np.asarray(picture, np.float32)
-    return array / 127.5 - 1.0 if mode == "RGB" else (array >= 128).astype(np.float32)
+    return from_uint8(array) if mode == "RGB" else (array >= 128).astype(np.float32)
 
 
 def run(args):

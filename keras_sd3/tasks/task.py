@@ -19,6 +19,11 @@ def to_uint8(images):
     return np.round(images * 255.0).astype(np.uint8)
 
 
+def from_uint8(images):
+    """uint8 (or 0..255 float) images -> float32 in [-1, 1], the range the backbone's steps take."""
+    return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
 def progress_bar(done, total, stream=None, width=30):
     """A one-line text progress bar, redrawn in place (on stderr by default)."""
     stream = stream or sys.stderr

@@ -2,6 +2,7 @@
 
 import os
 
+from keras_sd3 import presets
 from keras_sd3.text.tokenizers import CLIPTokenizer, T5Tokenizer
 
 
@@ -29,8 +30,6 @@ class StableDiffusion3TextToImagePreprocessor:
             source: a diffusers-format folder or a preset name.
             max_sequence_length: T5 length (diffusers' default 256, at most 512).
         """
-        from keras_sd3 import presets
-
         source, _ = presets.resolve(source)
         if not os.path.isdir(source):
             raise ValueError(

@@ -44,6 +44,11 @@ def clip_configs(vocab_size):
             CLIPConfig(hidden_size=128, num_attention_heads=2, projection_dim=128, hidden_act="gelu", **common))
 
 
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def log(message, start=[time.time()]):  # noqa: B006 (the default is the start time)
     print(f"[{time.time() - start[0]:7.1f} s] {message}", flush=True)
 
@@ -56,13 +61,6 @@ def encode_captions(backbone, preprocessor, captions, batch_size=64):
         contexts.append(ops.convert_to_numpy(context))
         pooled.append(ops.convert_to_numpy(pool))
     return np.concatenate(contexts), np.concatenate(pooled)
-
-
-def encode_images(backbone, images, batch_size=64):
-    data = images.astype(np.float32) / 127.5 - 1.0
-    chunks = [ops.convert_to_numpy(backbone.encode_image_step(data[i : i + batch_size]))
-              for i in range(0, len(data), batch_size)]
-    return np.concatenate(chunks)
 
 
 def build(output, num_images=8000, vae_steps=800, mmdit_steps=3000, batch_size=64, num_layers=4, seed=0,
@@ -95,7 +93,7 @@ def build(output, num_images=8000, vae_steps=800, mmdit_steps=3000, batch_size=6
             backbone.vae_config = dataclasses.replace(backbone.vae_config, shift_factor=shift, scaling_factor=scale)
             log(f"VAE: loss {history.history['loss'][-1]:.4f}; latent shift {shift:.4f}, scale {scale:.4f}")
 
-        latents = encode_images(backbone, images)
+        latents = trainer.encode_in_batches(backbone.encode_image_step, images)
         distinct = sorted(set(captions)) + [""]
         contexts, pooled = encode_captions(backbone, preprocessor, distinct)
         index = {caption: i for i, caption in enumerate(distinct)}
@@ -105,7 +103,7 @@ def build(output, num_images=8000, vae_steps=800, mmdit_steps=3000, batch_size=6
         log(f"MMDiT: loss {history.history['loss'][-1]:.4f}")
         save_diffusers_folder(backbone, output, {"clip_l": tokenizer_folder, "clip_g": tokenizer_folder}, dtype)
     with open(os.path.join(output, "training.json"), "w") as f:
-        stages = [] if resume is None else json.load(open(os.path.join(resume, "training.json")))["stages"]
+        stages = [] if resume is None else _read_json(os.path.join(resume, "training.json"))["stages"]
         stage = dict(num_images=num_images, vae_steps=vae_steps, mmdit_steps=mmdit_steps, batch_size=batch_size,
                      num_layers=num_layers, seed=seed, learning_rate=learning_rate, resumed=resume is not None,
                      backend=keras.config.backend(), final_loss=round(history.history["loss"][-1], 4))

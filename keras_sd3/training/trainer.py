@@ -15,6 +15,7 @@ from keras import ops
 
 from keras_sd3.models.layers import Attention
 from keras_sd3.sampling.flow_match import NUM_TRAIN_TIMESTEPS
+from keras_sd3.tasks.task import from_uint8
 
 
 def logit_normal(rng, count, mean=0.0, std=1.0):
@@ -148,7 +149,7 @@ def train_vae(vae, images, steps, batch_size=16, learning_rate=1e-3, kl_weight=1
     Returns:
         The Keras `History`.
     """
-    data = images.astype(np.float32) / 127.5 - 1.0
+    data = from_uint8(images)
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, len(data), steps * batch_size)
     trainer = VAETrainer(vae, kl_weight, seed)
@@ -157,9 +158,13 @@ def train_vae(vae, images, steps, batch_size=16, learning_rate=1e-3, kl_weight=1
     return trainer.fit(data[rows], data[rows], batch_size=batch_size, epochs=1, shuffle=False, verbose=verbose)
 
 
-def latent_statistics(backbone, images, batch_size=64):
+def encode_in_batches(encode, images, batch_size=64):
+    """`encode` (e.g. `backbone.encode_image_step`) over uint8 images (N, H, W, 3), `batch_size` at a time -> numpy."""
+    data = from_uint8(images)
+    return np.concatenate([ops.convert_to_numpy(encode(data[i : i + batch_size])) for i in range(0, len(data), batch_size)])
+
+
+def latent_statistics(backbone, images):
     """(shift, scale) making the VAE posterior means of `images` zero-mean and unit-variance (SD3's factors)."""
-    data = images.astype(np.float32) / 127.5 - 1.0
-    means = [ops.convert_to_numpy(backbone.vae.encode(data[i : i + batch_size])) for i in range(0, len(data), batch_size)]
-    means = np.concatenate(means)
+    means = encode_in_batches(backbone.vae.encode, images)
     return float(means.mean()), float(1.0 / means.std())

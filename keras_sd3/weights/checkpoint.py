@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from keras_sd3 import presets
 from keras_sd3.models.clip import CLIPConfig
 from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.t5 import T5Config
@@ -143,7 +144,5 @@ def open_checkpoint(source):
         CheckpointError: the source does not exist or is not an SD3 / SD3.5 checkpoint
             (`presets.PresetError` for a preset that is not available).
     """
-    from keras_sd3 import presets
-
     source, _ = presets.resolve(source)
     return _open_folder(source) if os.path.isdir(source) else _open_single_file(source)

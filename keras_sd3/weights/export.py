@@ -60,10 +60,14 @@ def clip_transformers_config(config):
     }
 
 
+def _write_json(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
 def _write(folder, config, tensors, weights_name):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    _write_json(os.path.join(folder, "config.json"), config)
     save_file(tensors, os.path.join(folder, weights_name))
 
 
@@ -88,9 +92,7 @@ def save_diffusers_folder(backbone, folder, tokenizer_folders, dtype="float32"):
                layer_state_dict(getattr(backbone, name), dtype), "model.safetensors")
         shutil.copytree(tokenizer_folders[name], os.path.join(folder, TOKENIZER_FOLDERS[name]), dirs_exist_ok=True)
     scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(scheduler, f, indent=2)
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
     index = {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -98,5 +100,4 @@ def save_diffusers_folder(backbone, folder, tokenizer_folders, dtype="float32"):
              "text_encoder_3": [None, None], "tokenizer_3": [None, None], "image_encoder": [None, None],
              "feature_extractor": [None, None],
              "_keras_sd3": {"t5_zero_tokens": backbone.t5_zero_tokens}}
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    _write_json(os.path.join(folder, "model_index.json"), index)
