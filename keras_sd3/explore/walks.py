@@ -58,14 +58,15 @@ def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidanc
         raise ValueError("embeddings must be the 4-tuple (positive, negative, positive_pooled, negative_pooled).")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-    tensors = [ops.convert_to_tensor(np.asarray(latents, np.float32))] + [ops.convert_to_tensor(e) for e in embeddings]
+    latents = np.asarray(latents, np.float32)
+    task.check_noise(latents, latents.shape[0], "latents")
+    tensors = [ops.convert_to_tensor(latents)] + [ops.convert_to_tensor(e) for e in embeddings]
     sizes = {int(x.shape[0]) for x in tensors} - {1}
     if len(sizes) > 1:
         raise ValueError(f"latents and embeddings must have batch 1 or one common N, got batches {sorted(sizes)}.")
     frames = sizes.pop() if sizes else 1
     batches = -(-frames // batch_size)
     tensors = [_pad_batch(x, batches * batch_size) for x in tensors]
-    task.check_noise(ops.convert_to_numpy(tensors[0][:batch_size]), batch_size, "latents")
     num_steps, guidance_scale, _ = task.settings(num_steps, guidance_scale, None)
     images = []
     for i in range(batches):
