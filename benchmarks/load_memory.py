@@ -1,17 +1,20 @@
-"""Peak memory of `StableDiffusion3Backbone.from_preset` on an SD3-Medium-shaped checkpoint.
+"""Peak memory and time of `StableDiffusion3Backbone.from_preset` on an SD3-Medium-shaped checkpoint.
 
 Writes a diffusers folder with random SD3-Medium weights in float16 (transformer 4.2 GB + VAE 0.17 GB)
 once, then loads it in a fresh process per backend and reports the peak resident memory added by
-`from_preset` (model construction + loading) relative to the size of the weights.
+`from_preset` (model construction + loading) relative to the size of the weights, and its wall time;
+`diffusers` loads the same folder with `SD3Transformer2DModel` / `AutoencoderKL.from_pretrained`
+(float16) for comparison, `diffusers-read` then reads every weight once.
 
 Usage:
-    python benchmarks/load_memory.py [--folder /tmp/sd3m_random] [--backends jax torch tensorflow]
+    python benchmarks/load_memory.py [--folder /tmp/sd3m_random] [--backends jax torch tensorflow diffusers diffusers-read]
 """
 
 import argparse
 import os
 import subprocess
 import sys
+import time
 
 from mmdit_step import SD3_MEDIUM_DIFFUSERS, SD3_VAE_DIFFUSERS  # noqa: E402  (same folder)
 
@@ -46,40 +49,67 @@ def memory(field):
     return int(line.split()[1]) * 1024
 
 
-def worker(folder):
+def load_diffusers(folder, touch=False):
+    """diffusers memory-maps the safetensors files: with `touch`, every weight is also read once (as the
+    first generation would), which brings the pages into the process."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    before, start = memory("VmRSS"), time.perf_counter()
+    models = [
+        SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float16),
+        AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float16),
+    ]
+    if touch:
+        for model in models:
+            for parameter in model.parameters():
+                parameter.sum()
+    return before, start
+
+
+def load_keras_sd3(folder):
     import keras  # noqa: F401  (the backend's own memory is the baseline)
 
     from keras_sd3.models import StableDiffusion3Backbone
 
-    before = memory("VmRSS")
+    before, start = memory("VmRSS"), time.perf_counter()
     StableDiffusion3Backbone.from_preset(folder, image_shape=(512, 512, 3), dtype="float16")
-    print(memory("VmHWM") - before)
+    return before, start
+
+
+def worker(folder, implementation):
+    if implementation.startswith("diffusers"):
+        before, start = load_diffusers(folder, touch=implementation == "diffusers-read")
+    else:
+        before, start = load_keras_sd3(folder)
+    print(memory("VmHWM") - before, time.perf_counter() - start)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default="/tmp/sd3m_random_fp16")
-    parser.add_argument("--backends", nargs="+", default=["jax", "torch", "tensorflow"])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backends", nargs="+", default=["jax", "torch", "tensorflow", "diffusers", "diffusers-read"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.folder)
+        worker(args.folder, args.worker)
         return
     write_checkpoint(args.folder)
     weights = folder_bytes(args.folder)
     print(f"weights on disk (float16): {weights / 2**30:.2f} GiB")
-    print("| backend | peak RSS added by from_preset | ratio to weights |")
-    print("|---|---|---|")
+    print("| implementation | peak RSS added by loading | ratio to weights | seconds |")
+    print("|---|---|---|---|")
     for backend in args.backends:
-        env = dict(os.environ, KERAS_BACKEND=backend)
+        env = dict(os.environ, KERAS_BACKEND="torch" if backend.startswith("diffusers") else backend)
         result = subprocess.run(
-            [sys.executable, __file__, "--worker", "--folder", args.folder], env=env, capture_output=True, text=True
+            [sys.executable, __file__, "--worker", backend, "--folder", args.folder], env=env, capture_output=True, text=True
         )
         if result.returncode:
-            print(f"| {backend} | failed: {result.stderr.strip().splitlines()[-1]} | |", flush=True)
+            print(f"| {backend} | failed: {result.stderr.strip().splitlines()[-1]} | | |", flush=True)
             continue
-        added = int(result.stdout.strip().splitlines()[-1])
-        print(f"| {backend} | {added / 2**30:.2f} GiB | {added / weights:.2f} |", flush=True)
+        added, seconds = result.stdout.strip().splitlines()[-1].split()
+        name = backend if backend.startswith("diffusers") else f"keras_sd3 {backend}"
+        print(f"| {name} | {int(added) / 2**30:.2f} GiB | {int(added) / weights:.2f} | {float(seconds):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

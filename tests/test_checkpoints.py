@@ -187,6 +187,38 @@ def test_missing_tensor_is_named(original_file):
         StableDiffusion3Backbone.from_preset(path, image_shape=IMAGE_SHAPE)
 
 
+def _pending_variables():
+    from keras.src.backend.common import global_state
+
+    return list(global_state.get_global_attribute("uninitialized_variables", []))
+
+
+def test_failed_load_leaves_no_deferred_variables(original_file):
+    """from_preset builds the model with Keras' deferred initialisation; a load that fails must not leave
+    its variables registered for Keras to initialise at the next stateless scope's exit."""
+    path, tensors = original_file
+    del tensors["model.diffusion_model.final_layer.linear.bias"]
+    save_file(tensors, path)
+    before = _pending_variables()
+    with pytest.raises(CheckpointError, match="proj_out.bias"):
+        StableDiffusion3Backbone.from_preset(path, image_shape=IMAGE_SHAPE)
+    assert _pending_variables() == before
+    with keras.StatelessScope():
+        pass
+
+
+def test_loaded_variables_hold_the_checkpoint_values(original_file):
+    path, tensors = original_file
+    backbone = StableDiffusion3Backbone.from_preset(path, image_shape=IMAGE_SHAPE)
+    assert not {id(v) for v in backbone.variables} & {id(v) for v in _pending_variables()}
+    bias = backbone.diffuser.proj_out.bias
+    expected = tensors["model.diffusion_model.final_layer.linear.bias"]
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bias), expected)
+    assert all(v.value is v.value for v in backbone.variables)  # real values, not a fresh placeholder per read
+    if keras.backend.backend() == "torch":  # torch modules see every variable as a parameter
+        assert len(list(backbone.parameters())) == len(backbone.variables)
+
+
 def test_unexpected_tensor_is_named(original_file):
     path, tensors = original_file
     tensors["model.diffusion_model.joint_blocks.0.x_block.extra.weight"] = np.zeros((2,), "float32")

@@ -15,7 +15,7 @@ from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
 from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.models.vae import VAE
-from keras_sd3.weights.assign import load_layer_weights
+from keras_sd3.weights.assign import build_then_load, load_layer_weights
 
 TEXT_ENCODERS = {"clip_l": (CLIPConfig, CLIPTextEncoder), "clip_g": (CLIPConfig, CLIPTextEncoder), "t5": (T5Config, T5Encoder)}
 
@@ -103,18 +103,23 @@ class StableDiffusion3Backbone(keras.Model):
 
         checkpoint = open_checkpoint(source)
         parts = {name: getattr(checkpoint, name) for name in TEXT_ENCODERS}
-        backbone = cls(
-            checkpoint.mmdit.config, checkpoint.vae.config,
-            **{f"{name}_config": part and part.config for name, part in parts.items()},
-            image_shape=image_shape, dtype=dtype,
-            t5_zero_tokens=next(n for n in (t5_zero_tokens, checkpoint.t5_zero_tokens, 77) if n is not None),
-        )
-        load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}")
-        load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")
-        for name, part in parts.items():
-            if part is not None:
-                load_layer_weights(getattr(backbone, name), part.tensors, f"{name} encoder of {checkpoint.path}")
-        return backbone
+
+        def build():
+            return cls(
+                checkpoint.mmdit.config, checkpoint.vae.config,
+                **{f"{name}_config": part and part.config for name, part in parts.items()},
+                image_shape=image_shape, dtype=dtype,
+                t5_zero_tokens=next(n for n in (t5_zero_tokens, checkpoint.t5_zero_tokens, 77) if n is not None),
+            )
+
+        def load(backbone):
+            load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}")
+            load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")
+            for name, part in parts.items():
+                if part is not None:
+                    load_layer_weights(getattr(backbone, name), part.tensors, f"{name} encoder of {checkpoint.path}")
+
+        return build_then_load(build, load)
 
     @property
     def latent_shape(self):

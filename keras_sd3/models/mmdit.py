@@ -48,10 +48,13 @@ class PatchEmbed(keras.layers.Layer):
         super().__init__(**kwargs)
         self.size, dim = config.pos_embed_max_size, config.hidden_size
         self.proj = conv(dim, config.in_channels, config.patch_size, self.dtype_policy, config.patch_size, "valid")
-        table = sincos_position_table(dim, self.size, config.sample_size // config.patch_size)
+        base_size = config.sample_size // config.patch_size
+
+        def initializer(shape, dtype=None):  # only called for a fresh model: checkpoints store the table
+            return ops.cast(sincos_position_table(dim, self.size, base_size), dtype or "float32")
+
         self.pos_embed = self.add_weight(
-            shape=table.shape, initializer=lambda shape, dtype=None: ops.cast(table, dtype or "float32"),
-            trainable=False, name="pos_embed",
+            shape=(1, self.size * self.size, dim), initializer=initializer, trainable=False, name="pos_embed"
         )
         self.built = True
 

@@ -7,14 +7,23 @@ checkpoints. A layer may rename an attribute through a class dict `checkpoint_al
 (e.g. `{"proj_in": "net.0.proj"}`).
 """
 
+import ctypes
+
 import keras
 import numpy as np
+from keras.src.backend.common import global_state
 
 from keras_sd3.weights.safetensors_file import CheckpointError
 
 
-def _torch_linear(weight):
-    return weight.T  # (out, in) -> (in, out)
+def _torch_linear(weight, tile=256):
+    """(out, in) -> (in, out), contiguous. Copied in 256 x 256 tiles that stay in cache: 3x faster than
+    `np.ascontiguousarray(weight.T)` on the large matrices (0.3 -> 1 GB/s here)."""
+    out = np.empty(weight.shape[::-1], weight.dtype)
+    for i in range(0, weight.shape[0], tile):
+        for j in range(0, weight.shape[1], tile):
+            out[j : j + tile, i : i + tile] = weight[i : i + tile, j : j + tile].T
+    return out
 
 
 def _torch_conv(weight):
@@ -63,6 +72,25 @@ def named_variables(layer, prefix=""):
                     yield from named_variables(item, f"{key}.{i}.")
 
 
+def _glibc_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+_TRIM_EVERY = 256 << 20  # bytes assigned between two trims
+
+
+def _release_freed_memory():
+    """Hands the heap's free pages back to the OS (glibc's `malloc_trim`). glibc keeps freed blocks
+    under its mmap threshold (which grows to 32 MiB, the size of most tensors here) for reuse, so
+    without a trim every 256 MiB jax's loading peak reaches ~1.4x the weights instead of ~1.1x."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _describe(keys, limit=5):
     keys = sorted(keys)
     more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
@@ -100,8 +128,52 @@ def load_layer_weights(layer, source, what="checkpoint"):
             raise CheckpointError(
                 f"Tensor '{key}' in the {what} has shape {stored}, but the model expects {wanted}."
             )
+    freed = 0
     for key, (var, transform) in expected.items():
         value = source.read(key)
         if transform is not None:
             value = transform(value)
-        var.assign(np.ascontiguousarray(value).astype(var.dtype))
+        _set_value(var, np.ascontiguousarray(value).astype(var.dtype, copy=False))
+        freed += value.nbytes
+        del value
+        if freed > _TRIM_EVERY:
+            _release_freed_memory()
+            freed = 0
+    _release_freed_memory()
+
+
+def _pending():
+    return global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True)
+
+
+def _set_value(var, value):
+    if var._value is None:  # created by `build_then_load`: the checkpoint's tensor is its first value
+        var._initialize(var._convert_to_tensor(value, dtype=var.dtype))
+        var._initializer = None
+    else:
+        var.assign(value)
+
+
+def build_then_load(build, load):
+    """`load(build())` where `build` creates its variables with Keras' deferred initialisation.
+
+    Inside a `keras.StatelessScope(initialize_variables=False)` a variable gets its shape and dtype
+    but no value, so building SD3 Medium costs neither the ~30-80 s of drawing 2B random numbers nor
+    their memory; `load_layer_weights` then gives each variable the checkpoint's tensor as its first
+    value, and loading peaks at the weights' size plus one tensor. Variables that `load` leaves
+    without a value get their initializer's. (Uses Keras' private `_value`, `_initialize` and
+    `_deferred_initialize`, the same path Keras takes on leaving a stateless scope.)
+    """
+    known = {id(var) for var in _pending()}
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            model = build()
+        load(model)
+        for var in model.variables:
+            if var._value is None:
+                var._deferred_initialize()
+        return model
+    finally:  # also after an error: Keras would otherwise initialise an abandoned model's variables later
+        global_state.set_global_attribute(
+            "uninitialized_variables", [var for var in _pending() if id(var) in known]
+        )
