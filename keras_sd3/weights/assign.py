@@ -7,8 +7,6 @@ checkpoints. A layer may rename an attribute through a class dict `checkpoint_al
 (e.g. `{"proj_in": "net.0.proj"}`).
 """
 
-import ctypes
-
 import keras
 import numpy as np
 from keras.src.backend.common import global_state
@@ -72,25 +70,6 @@ def named_variables(layer, prefix=""):
                     yield from named_variables(item, f"{key}.{i}.")
 
 
-def _glibc_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        return None
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
-_TRIM_EVERY = 256 << 20  # bytes assigned between two trims
-
-
-def _release_freed_memory():
-    """Hands the heap's free pages back to the OS (glibc's `malloc_trim`). glibc keeps freed blocks
-    under its mmap threshold (which grows to 32 MiB, the size of most tensors here) for reuse, so
-    without a trim every 256 MiB jax's loading peak reaches ~1.4x the weights instead of ~1.1x."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def _describe(keys, limit=5):
     keys = sorted(keys)
     more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
@@ -128,18 +107,11 @@ def load_layer_weights(layer, source, what="checkpoint"):
             raise CheckpointError(
                 f"Tensor '{key}' in the {what} has shape {stored}, but the model expects {wanted}."
             )
-    freed = 0
     for key, (var, transform) in expected.items():
         value = source.read(key)
         if transform is not None:
             value = transform(value)
         _set_value(var, np.ascontiguousarray(value).astype(var.dtype, copy=False))
-        freed += value.nbytes
-        del value
-        if freed > _TRIM_EVERY:
-            _release_freed_memory()
-            freed = 0
-    _release_freed_memory()
 
 
 def _pending():
