@@ -27,18 +27,42 @@ def linear(x, kernel, bias=None):
 def attention(q, k, v, bias=None, scale=None, is_causal=False):
     """`keras.ops.dot_product_attention` on (B, T, N, H) inputs.
 
-    XLA:CPU has no float16 x float16 -> float32 dot, which jax's attention asks for under `jit`;
-    there the float16 inputs are upcast to float32 (the softmax runs in float32 anyway).
+    On jax on CPU, attention without a bias or mask runs one head at a time (below); XLA:CPU has no
+    float16 x float16 -> float32 dot, which jax's attention asks for under `jit`, so there float16
+    inputs are upcast to float32 (the softmax runs in float32 anyway).
     """
     dtype = keras.backend.standardize_dtype(q.dtype)
-    if dtype == "float16" and keras.config.backend() == "jax":
+    if keras.config.backend() == "jax":
         import jax
 
         if jax.default_backend() == "cpu":
-            q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
-            bias = None if bias is None else ops.cast(bias, "float32")
+            if bias is None and not is_causal:
+                return ops.cast(_attention_head_by_head(q, k, v, scale), dtype)
+            if dtype == "float16":
+                q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
+                bias = None if bias is None else ops.cast(bias, "float32")
     out = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=is_causal)
     return ops.cast(out, dtype)
+
+
+def _attention_head_by_head(q, k, v, scale=None):
+    """Softmax attention in float32, one (batch, head) at a time through `ops.map` (`lax.map`).
+
+    XLA:CPU runs SD3 Medium's joint attention (2 x 24 heads over 1178 tokens) 3x faster this way than
+    as one batched attention (0.27 s vs 0.88 s per layer here): one head's (T, T) scores stay in cache.
+    """
+    batch, length, heads, dim = ops.shape(q)
+    scale = dim**-0.5 if scale is None else scale
+
+    def by_head(x):  # (B, T, N, H) -> (B * N, T, H) in float32
+        return ops.reshape(ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3)), (batch * heads, -1, dim))
+
+    def one_head(qkv):
+        q, k, v = qkv
+        return ops.matmul(ops.softmax(ops.matmul(q * scale, ops.transpose(k)), axis=-1), v)
+
+    out = ops.map(one_head, (by_head(q), by_head(k), by_head(v)))  # (B * N, T, H)
+    return ops.transpose(ops.reshape(out, (batch, heads, length, dim)), (0, 2, 1, 3))
 
 
 def compile_function(model, function):
