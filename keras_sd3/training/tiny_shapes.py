@@ -44,11 +44,6 @@ def clip_configs(vocab_size):
             CLIPConfig(hidden_size=128, num_attention_heads=2, projection_dim=128, hidden_act="gelu", **common))
 
 
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def log(message, start=[time.time()]):  # noqa: B006 (the default is the start time)
     print(f"[{time.time() - start[0]:7.1f} s] {message}", flush=True)
 
@@ -102,11 +97,14 @@ def build(output, num_images=8000, vae_steps=800, mmdit_steps=3000, batch_size=6
         history = trainer.train_mmdit(backbone, batches, learning_rate)
         log(f"MMDiT: loss {history.history['loss'][-1]:.4f}")
         save_diffusers_folder(backbone, output, {"clip_l": tokenizer_folder, "clip_g": tokenizer_folder}, dtype)
+    stages = []
+    if resume is not None:  # read before writing: `resume` may be `output`
+        with open(os.path.join(resume, "training.json")) as f:
+            stages = json.load(f)["stages"]
+    stage = dict(num_images=num_images, vae_steps=vae_steps, mmdit_steps=mmdit_steps, batch_size=batch_size,
+                 num_layers=num_layers, seed=seed, learning_rate=learning_rate, resumed=resume is not None,
+                 backend=keras.config.backend(), final_loss=round(history.history["loss"][-1], 4))
     with open(os.path.join(output, "training.json"), "w") as f:
-        stages = [] if resume is None else _read_json(os.path.join(resume, "training.json"))["stages"]
-        stage = dict(num_images=num_images, vae_steps=vae_steps, mmdit_steps=mmdit_steps, batch_size=batch_size,
-                     num_layers=num_layers, seed=seed, learning_rate=learning_rate, resumed=resume is not None,
-                     backend=keras.config.backend(), final_loss=round(history.history["loss"][-1], 4))
         json.dump({"stages": stages + [stage]}, f, indent=2)
     log(f"wrote {output}")
     return backbone
