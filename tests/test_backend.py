@@ -1,0 +1,32 @@
+"""`keras_sd3.backend.linear` in half precision against a closed form.
+
+Products of two bfloat16 / float16 numbers are exact in float32, and every backend's half-precision
+GEMM accumulates in float32 (torch on CPUs without native half-precision arithmetic runs the product
+in float32 itself, see `linear`), so the result must be the float32 product of the rounded inputs,
+rounded at most twice (product, then bias add): within half a unit in the last place of each.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_sd3.backend import linear
+
+ULP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_linear_is_the_rounded_float32_product(dtype):
+    rng = np.random.default_rng(0)
+    x, kernel, bias = rng.standard_normal((2, 5, 96)), rng.standard_normal((96, 40)), rng.standard_normal(40)
+    x, kernel, bias = (keras.ops.cast(a, dtype) for a in (x, kernel, bias))
+    out = linear(x, kernel, bias)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    rounded = [keras.ops.convert_to_numpy(keras.ops.cast(a, "float32")).astype("float64") for a in (x, kernel, bias)]
+    product = rounded[0] @ rounded[1]
+    expected = product + rounded[2]
+    error = np.abs(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")) - expected)
+    # Half an ulp (relative spacing ULP) of the product and of the sum; float32 accumulation over 96
+    # terms adds ~1e-6 relative, far below it.
+    bound = ULP[dtype] / 2 * (np.abs(product) + np.abs(expected)) + 1e-4
+    assert np.all(error <= bound), (error - bound).max()
