@@ -41,6 +41,14 @@ def linear(x, kernel, bias=None):
 
 def _half_precision_gemm_is_slow(x, dtype):
     """Whether `x`'s device lacks a fast `dtype` GEMM: XLA on CPU, torch on a CPU without AVX512-BF16 / AMX."""
+    if keras.config.backend() == "torch":
+        return x.device.type == "cpu" and not _torch_cpu_has_native(dtype)
+    return _xla_on_cpu()
+
+
+@functools.cache
+def _xla_on_cpu():
+    """Whether the jax / tensorflow backend computes on the CPU (fixed for the process)."""
     backend = keras.config.backend()
     if backend == "jax":
         import jax
@@ -50,7 +58,7 @@ def _half_precision_gemm_is_slow(x, dtype):
         import tensorflow as tf
 
         return not tf.config.list_logical_devices("GPU")
-    return x.device.type == "cpu" and not _torch_cpu_has_native(dtype)
+    return False
 
 
 @functools.cache
@@ -70,15 +78,12 @@ def attention(q, k, v, bias=None, scale=None, is_causal=False):
     inputs are upcast to float32 (the softmax runs in float32 anyway).
     """
     dtype = keras.backend.standardize_dtype(q.dtype)
-    if keras.config.backend() == "jax":
-        import jax
-
-        if jax.default_backend() == "cpu":
-            if bias is None and not is_causal:
-                return ops.cast(_attention_head_by_head(q, k, v, scale), dtype)
-            if dtype == "float16":
-                q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
-                bias = None if bias is None else ops.cast(bias, "float32")
+    if keras.config.backend() == "jax" and _xla_on_cpu():
+        if bias is None and not is_causal:
+            return ops.cast(_attention_head_by_head(q, k, v, scale), dtype)
+        if dtype == "float16":
+            q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
+            bias = None if bias is None else ops.cast(bias, "float32")
     out = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=is_causal)
     return ops.cast(out, dtype)
 

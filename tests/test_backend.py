@@ -1,8 +1,8 @@
 """`keras_sd3.backend.linear` in half precision against a closed form.
 
-Products of two bfloat16 / float16 numbers are exact in float32, and every backend's half-precision
-GEMM accumulates in float32 (torch on CPUs without native half-precision arithmetic runs the product
-in float32 itself, see `linear`), so the result must be the float32 product of the rounded inputs,
+Products of two bfloat16 / float16 numbers are exact in float32, and `linear` accumulates them in
+float32 (on CPU it runs the product in float32 itself; fast half-precision GEMMs elsewhere accumulate
+in float32 too), so the result must be the float32 product of the rounded inputs,
 rounded at most twice (product, then bias add): within half a unit in the last place of each.
 """
 
