@@ -5,7 +5,11 @@ Everything else in the models and the sampler is written with `keras.ops` alone.
 
 import functools
 
-import keras
+from keras_sd3.keras_backend import require
+
+require()  # a clear error for a missing or unknown backend, before Keras is imported
+
+import keras  # noqa: E402
 from keras import ops
 
 

@@ -5,83 +5,179 @@
     keras-sd3 inpaint "a yellow triangle" --image in.png --mask mask.png -o out.png
 
 `--model` takes a preset name, a diffusers folder or a .safetensors file (default: the embedded
-`sd3_tiny_shapes`). PNGs carry their generation parameters in their metadata. Without `--backend`
-or `KERAS_BACKEND`, the first installed of torch, jax, tensorflow is used (torch starts fastest for
-one-off runs on CPU, see BENCHMARKS.md).
+`sd3_tiny_shapes`). Images carry their generation parameters in their metadata (.png, .jpg, .webp).
+The backend is `--backend`, else the rule of `keras_sd3.keras_backend` (the library's).
+
+Everything that can be checked without the weights is checked first (arguments, files, output,
+backend, then the size against the model's configuration); every error is one line on stderr and
+exit code 2. Ctrl-C exits with 130 and leaves no partial file.
 """
 
 import argparse
-import importlib.util
+import contextlib
+import logging
 import os
+import re
 import secrets
 import sys
+import warnings
 
-BACKENDS = ("torch", "jax", "tensorflow")
+from keras_sd3 import __version__, keras_backend, media
+
 DEFAULT_MODEL = "sd3_tiny_shapes"
+MAX_SEED = 2**32 - 1
+DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+TASKS = {"generate": "text to image", "img2img": "image to image", "inpaint": "inpainting"}
+
+
+class UsageError(Exception):
+    """A bad argument or input file, found before the model is loaded: one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `keras-sd3: error: --seed must be ...`, exit 2."""
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
+        self.exit(2, f"keras-sd3: error: {message}\n")
+
+
+def number(kind, low, high=None, what=None):
+    """An argparse type: a `kind` (int / float) in [low, high], with a message naming the rule."""
+    what = what or (f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not low <= value <= (float("inf") if high is None else high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_size(text):
-    """"512" or "768x512" (height x width) -> (height, width)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW in pixels, got {text!r}") from None
-    if len(parts) not in (1, 2) or min(parts) < 16 or any(p % 16 for p in parts):
-        raise argparse.ArgumentTypeError(f"size must be N or HxW with multiples of 16 (>= 16), got {text!r}")
-    return (parts[0], parts[-1])
-
-
-def strength(text):
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"strength must be in [0, 1], got {text}")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+    """"512" or "768x512" (height x width) -> (height, width); the model's rule is checked later."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be N or HxW in pixels (e.g. 512 or 768x512), got {text!r}")
+    return (int(parts[0]), int(parts[-1]))
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="keras-sd3", description="Stable Diffusion 3 with Keras 3.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("generate", "text to image"), ("img2img", "image to image"), ("inpaint", "inpainting")):
-        command = commands.add_parser(name, help=help_text)
+    parser = Parser(prog="keras-sd3", description="Stable Diffusion 3 with Keras 3.")
+    parser.add_argument("--version", action="version", version=f"keras-sd3 {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint}")
+    for name, help_text in TASKS.items():
+        command = commands.add_parser(name, help=help_text, description=f"Stable Diffusion 3: {help_text}.")
         command.add_argument("prompt")
-        command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file")
-        command.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
-        command.add_argument("--guidance", type=float, help="guidance scale, <= 1 disables CFG (default: the model's)")
-        command.add_argument("--negative", default="", help="negative prompt")
-        command.add_argument("--seed", type=int, help="noise seed (default: random, written to the PNG)")
+        command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
+                             "(default: %(default)s)")
+        command.add_argument("--steps", type=number(int, 1), help="denoising steps (default: the model's)")
+        command.add_argument("--guidance", type=number(float, 0.0, what="a number >= 0"),
+                             help="guidance scale, 0 to 1 disables CFG (default: the model's)")
+        command.add_argument("--negative", default="", help="negative prompt (default: none)")
+        command.add_argument("--seed", type=number(int, 0, MAX_SEED), help="noise seed; image k of --num-images "
+                             "uses seed + k (default: random, written to the image)")
         command.add_argument("--size", type=parse_size, help="N or HxW pixels (default: the model's / the image's)")
-        command.add_argument("--num-images", type=positive_int, default=1)
-        command.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: KERAS_BACKEND or installed)")
-        command.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default float32)")
-        command.add_argument("-o", "--output", default="image.png", help="output PNG (-1, -2, ... added for several)")
+        command.add_argument("--num-images", type=number(int, 1), default=1, help="(default: %(default)s)")
+        command.add_argument("--backend", choices=keras_backend.BACKENDS,
+                             help="Keras backend (default: KERAS_BACKEND, else the first installed)")
+        command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+        command.add_argument("-o", "--output", default="image.png", help="output .png, .jpg or .webp; -1, -2, ... "
+                             "are added for several images (default: %(default)s)")
+        command.add_argument("-v", "--verbose", action="store_true", help="show the backends' log messages")
         if name != "generate":
             command.add_argument("--image", required=True, help="input picture")
-            command.add_argument("--strength", type=strength, default=0.8 if name == "img2img" else 0.6)
+            command.add_argument("--strength", type=number(float, 0.0, 1.0, "a number in [0, 1]"),
+                                 default=0.8 if name == "img2img" else 0.6, help="(default: %(default)s)")
         if name == "inpaint":
             command.add_argument("--mask", required=True, help="mask picture, white = repaint")
+            command.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=True,
+                                 help="paste the input back outside the mask (default: %(default)s)")
     return parser
 
 
-def choose_backend(requested):
-    """Sets KERAS_BACKEND (before keras is imported): the requested one, the environment's, or the first installed."""
-    backend = requested or os.environ.get("KERAS_BACKEND")
-    if backend is None:
-        backend = next((b for b in BACKENDS if importlib.util.find_spec(b) is not None), None)
-        if backend is None:
-            raise SystemExit("keras-sd3: error: no Keras backend installed: pip install torch (or jax, tensorflow)")
-    os.environ["KERAS_BACKEND"] = backend
-    return backend
+def picture_size(path, option):
+    """(height, width) of a readable picture file, else a UsageError naming `option`."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return picture.height, picture.width
+    except FileNotFoundError:
+        raise UsageError(f"{option} {path!r} does not exist") from None
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{option} {path!r} is not a readable image ({error})") from None
+
+
+def output_paths(output, count):
+    """The files to write: `output`, or `stem-1.ext`, `stem-2.ext`, ... for several images."""
+    extension = os.path.splitext(output)[1].lower()
+    if extension not in media.IMAGE_EXTENSIONS:
+        raise UsageError(f"-o/--output must end in {', '.join(media.IMAGE_EXTENSIONS)}, got {output!r}")
+    if count == 1:
+        return [output]
+    stem = output[: -len(extension)]
+    return [f"{stem}-{i + 1}{output[-len(extension):]}" for i in range(count)]
+
+
+def make_folders(paths):
+    """Creates the output folder if missing; returns the folders created (to remove after a failure)."""
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for path in paths:
+        if os.path.isdir(path):
+            raise UsageError(f"-o/--output {path!r} is a folder; give a file name")
+    try:
+        for created in reversed(missing):
+            os.mkdir(created)
+    except OSError as error:
+        raise UsageError(f"cannot create the output folder {error.filename!r} ({error.strerror})") from None
+    if not os.access(os.path.dirname(os.path.abspath(paths[0])), os.W_OK):
+        raise UsageError(f"cannot write to the output folder of {paths[0]!r}")
+    return missing
+
+
+def check_arguments(args):
+    """Checks files, output and seed (no model needed); returns the output paths."""
+    if args.seed is not None and args.seed + args.num_images - 1 > MAX_SEED:
+        raise UsageError(f"--seed + --num-images - 1 must be at most {MAX_SEED}, got {args.seed + args.num_images - 1}")
+    args.image_size = picture_size(args.image, "--image") if args.command != "generate" else None
+    if args.command == "inpaint":
+        mask_size = picture_size(args.mask, "--mask")
+        target = args.size or args.image_size
+        if mask_size != target:
+            print(f"keras-sd3: note: the mask is {mask_size[1]} x {mask_size[0]} pixels; resized to the image's "
+                  f"{target[1]} x {target[0]}", file=sys.stderr)
+    return output_paths(args.output, args.num_images)
+
+
+def check_size(args):
+    """The image size (the argument, the input picture's or None for the model's), checked against
+    the model's configuration before any weight is read."""
+    from keras_sd3.models.backbone import image_size_rule
+    from keras_sd3.weights.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(args.model)
+    multiple, limit = image_size_rule(checkpoint.mmdit.config, checkpoint.vae.config)
+    size = args.size or args.image_size
+    if size is not None and any(side % multiple or side > limit for side in size):
+        rule = f"{args.model} makes images whose height and width are multiples of {multiple} up to {limit}"
+        if args.size:
+            raise UsageError(f"--size {size[0]}x{size[1]}: {rule}")
+        raise UsageError(f"--image {args.image!r} is {size[0]}x{size[1]} pixels and {rule}: pass --size")
+    return size
 
 
 def read_picture(path, size, mode):
-    """A picture as a float array: RGB in [-1, 1] or a mask in {0, 1}; resized to `size` (H, W) if given."""
+    """A picture as a float array: RGB in [-1, 1] or a mask in {0, 1}, resized to `size` (H, W) if needed."""
     import numpy as np
     from PIL import Image
 
@@ -89,63 +185,104 @@ def read_picture(path, size, mode):
 
     with Image.open(path) as picture:
         picture = picture.convert(mode)
-        if size is not None and picture.size != (size[1], size[0]):
+        if picture.size != (size[1], size[0]):
             picture = picture.resize((size[1], size[0]), Image.BICUBIC if mode == "RGB" else Image.NEAREST)
         array = np.asarray(picture, np.float32)
     return from_uint8(array) if mode == "RGB" else (array >= 128).astype(np.float32)
 
 
-def run(args):
+def generate(args, size, paths):
+    """Loads the model, generates `--num-images` images (seeds seed, seed + 1, ...) and writes them."""
     import numpy as np
 
-    from keras_sd3 import media
+    from keras_sd3 import backend_name
     from keras_sd3.models import StableDiffusion3ImageToImage, StableDiffusion3Inpaint, StableDiffusion3TextToImage
 
-    size = args.size
-    inputs = {"prompts": args.prompt, "negative_prompts": args.negative}
-    if args.command != "generate":
-        inputs["images"] = read_picture(args.image, size, "RGB")
-        size = size or inputs["images"].shape[:2]
-        if args.command == "inpaint":
-            inputs["masks"] = read_picture(args.mask, size, "L")
     task_class = {"generate": StableDiffusion3TextToImage, "img2img": StableDiffusion3ImageToImage,
                   "inpaint": StableDiffusion3Inpaint}[args.command]
     task = task_class.from_preset(args.model, image_shape=None if size is None else (*size, 3), dtype=args.dtype)
+    unknown = task.preprocessor.unknown_words(args.prompt) if task.preprocessor else []
+    if unknown:
+        warnings.warn(f"{args.model} was trained on captions made of {len(task.preprocessor.vocabulary)} words "
+                      f"only; it does not know {', '.join(map(repr, unknown))} (see the README)")
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    noise = np.concatenate([task.noise(1, seed + i) for i in range(args.num_images)])
     num_steps, guidance, _ = task.settings(args.steps, args.guidance, None)
-    options = dict(num_steps=num_steps, guidance_scale=guidance, seed=seed, num_images=args.num_images, progress=True)
-    if args.command != "generate":
-        options["strength"] = args.strength
-    images = np.asarray(task.generate(inputs, **options))
-    images = images.reshape((-1, *images.shape[-3:]))
-    metadata = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": seed, "steps": num_steps,
-                "guidance": guidance, "model": args.model, "size": list(images.shape[1:3]), "task": args.command,
-                "backend": os.environ["KERAS_BACKEND"]}
-    if args.command != "generate":
+    options = dict(num_steps=num_steps, guidance_scale=guidance, progress=True, num_images=args.num_images)
+    inputs = {"prompts": args.prompt, "negative_prompts": args.negative}
+    metadata = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": num_steps, "guidance": guidance,
+                "model": args.model, "task": args.command, "backend": backend_name()}
+    if args.command == "generate":
+        options["latents"] = noise
+    else:
+        size = task.backbone.image_shape[:2]
+        inputs["images"] = read_picture(args.image, size, "RGB")
+        options.update(noise=noise, strength=args.strength)
         metadata["strength"] = args.strength
-    stem, extension = os.path.splitext(args.output)
-    paths = [args.output] if len(images) == 1 else [f"{stem}-{i + 1}{extension or '.png'}" for i in range(len(images))]
+    if args.command == "inpaint":
+        inputs["masks"] = read_picture(args.mask, size, "L")
+        options["keep_unmasked"] = metadata["keep_unmasked"] = args.keep_unmasked
+    images = np.asarray(task.generate(inputs, **options)).reshape((-1, *task.backbone.image_shape))
+    metadata["size"] = list(images.shape[1:3])
     for index, (path, image) in enumerate(zip(paths, images)):
-        media.save_png(path, image, dict(metadata, image_index=index) if len(images) > 1 else metadata)
+        extra = {"seed": seed + index, **({"image_index": index} if len(paths) > 1 else {})}
+        media.save_image(path, image, {**metadata, **extra})
         print(path)
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.output.lower().endswith(".png"):
-        parser.error(f"the output must be a .png file, got {args.output!r}")
-    for name in ("image", "mask"):
-        path = getattr(args, name, None)
-        if path is not None and not os.path.isfile(path):
-            parser.error(f"--{name} {path!r} does not exist")
-    choose_backend(args.backend)
+@contextlib.contextmanager
+def quiet_backends():
+    """Sends what native code writes to stderr (tensorflow's and XLA's C++ log, which ignores
+    TF_CPP_MIN_LOG_LEVEL set once Python runs) to /dev/null, while Python's `sys.stderr` keeps the real
+    stream; silences absl, jax's platform messages and the libraries' deprecation warnings."""
+    for name in ("absl", "jax._src.xla_bridge", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if sys.stderr is not sys.__stderr__:  # already redirected (e.g. captured by a test)
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull, stderr = os.dup(2), os.open(os.devnull, os.O_WRONLY), sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    os.dup2(devnull, 2)
     try:
-        run(args)
-    except (ValueError, OSError) as error:  # CheckpointError and PresetError are ValueErrors
-        print(f"keras-sd3: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        yield
+    finally:
+        sys.stderr.close()
+        sys.stderr = stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"keras-sd3: warning: {message}", file=sys.stderr)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    created = []
+    with warnings.catch_warnings(), contextlib.nullcontext() if args.verbose else quiet_backends():
+        warnings.showwarning = one_line_warning
+        try:
+            paths = check_arguments(args)
+            keras_backend.choose(args.backend)
+            size = check_size(args)
+            created = make_folders(paths)
+            generate(args, size, paths)
+            return 0
+        except KeyboardInterrupt:
+            message, code = "interrupted", 130
+        except (UsageError, keras_backend.BackendError, ValueError, OSError) as error:
+            message, code = f"error: {error}", 2  # CheckpointError and PresetError are ValueErrors
+        except FloatingPointError as error:
+            message, code = f"error: {error}", 1
+    for folder in created:  # the deepest first
+        if not os.listdir(folder):
+            os.rmdir(folder)
+    print(f"\nkeras-sd3: {message}" if code == 130 else f"keras-sd3: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""Writing frames and images: GIF, MP4 / WebM video, PNG contact sheets, PNGs with their generation parameters.
+"""Writing frames and images: GIF, MP4 / WebM video, PNG contact sheets, PNG / JPEG / WebP images with their
+generation parameters.
 
 Frames are uint8 (H, W, 3) arrays (or a (N, H, W, 3) array), as the tasks and `keras_sd3.explore` return.
 Pillow does the images; video needs `imageio` and `imageio-ffmpeg` (`pip install imageio imageio-ffmpeg`).
 """
 
+import contextlib
 import json
 import math
+import os
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 METADATA_KEY = "keras_sd3"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IMAGE_DESCRIPTION = 0x010E
 VIDEO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".webm": "libvpx-vp9"}
 
 
@@ -54,8 +60,6 @@ def save_video(path, frames, fps=10, rubber_band_loop=False, quality=8):
 
     Sizes must be multiples of 16 (every keras_sd3 image size is).
     """
-    import os
-
     extension = os.path.splitext(str(path))[1].lower()
     if extension not in VIDEO_CODECS:
         raise ValueError(f"Video files must end in one of {sorted(VIDEO_CODECS)}, got {path!r}.")
@@ -89,18 +93,82 @@ def make_grid(frames, columns=None, padding=0, background=255):
     return sheet
 
 
-def save_png(path, image, metadata=None):
-    """Writes one PNG; `metadata` (a JSON-able dict: prompt, seed, steps, ...) goes in its text chunks.
+def _save_atomically(path, image, **options):
+    """Writes the uint8 (H, W, 3) `image` with Pillow's save `options` (`format` included) onto `path`.
 
-    Each entry is stored as a readable text chunk, and the whole dict as JSON under "keras_sd3", which
-    `read_metadata` returns with its types intact.
+    Pillow writes a hidden temporary file beside `path` that then replaces it in one step; on any exception,
+    KeyboardInterrupt included, the temporary is removed, so `path` is either whole or as it was.
     """
+    image = Image.fromarray(_frames([image])[0])
+    folder, name = os.path.split(os.fspath(path))
+    stem, extension = os.path.splitext(name)
+    temporary = os.path.join(folder, f".{stem}-{os.urandom(4).hex()}{extension}")
+    file = open(temporary, "xb")
+    try:
+        with file:
+            image.save(file, **options)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def _png_info(metadata):
+    """PNG text chunks: each entry readable on its own, and the whole dict as JSON under "keras_sd3"."""
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
     if metadata:
         info.add_text(METADATA_KEY, json.dumps(metadata))
-    Image.fromarray(_frames([image])[0]).save(path, pnginfo=info)
+    return info
+
+
+def _save_options(extension, metadata, quality):
+    """Pillow's save options for `extension`, with `metadata` in PNG text chunks or in EXIF (and the JPEG comment)."""
+    image_format = IMAGE_FORMATS[extension]
+    if image_format == "PNG":
+        return {"format": image_format, "pnginfo": _png_info(metadata)}
+    options = {"format": image_format, "quality": quality}
+    if metadata:
+        text = json.dumps(metadata, ensure_ascii=True)
+        exif = Image.Exif()
+        exif[EXIF_IMAGE_DESCRIPTION] = text
+        options["exif"] = exif.tobytes()
+        if image_format == "JPEG":
+            options["comment"] = text
+    return options
+
+
+def save_png(path, image, metadata=None):
+    """Writes one PNG (atomically); `metadata` (a JSON-able dict: prompt, seed, steps, ...) goes in its text chunks.
+
+    Each entry is stored as a readable text chunk, and the whole dict as JSON under "keras_sd3", which
+    `read_metadata` returns with its types intact.
+    """
+    _save_atomically(path, image, format="PNG", pnginfo=_png_info(metadata))
+
+
+def save_image(path, image, metadata=None, quality=95):
+    """Writes one image by extension (.png, .jpg / .jpeg, .webp), atomically, with `metadata` inside.
+
+    Args:
+        path: the file to write; its extension picks the format.
+        image: a uint8 (H, W, 3) array.
+        metadata: a JSON-able dict (prompt, seed, steps, ...). PNG keeps it as `save_png` does; JPEG and WebP
+            keep it as ASCII JSON in the EXIF ImageDescription (0x010E), and JPEG also in its comment.
+        quality: JPEG and (lossy) WebP quality, 0 to 100.
+
+    Raises:
+        ValueError: the extension is not one of `IMAGE_EXTENSIONS`.
+    """
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension not in IMAGE_EXTENSIONS:
+        allowed = ", ".join(IMAGE_EXTENSIONS)
+        raise ValueError(f"Image files must end in one of {allowed}; got {extension!r} in {path!r}.")
+    _save_atomically(path, image, **_save_options(extension, metadata, quality))
 
 
 def save_grid(path, frames, columns=None, padding=2, metadata=None):
@@ -108,11 +176,29 @@ def save_grid(path, frames, columns=None, padding=2, metadata=None):
     save_png(path, make_grid(frames, columns, padding), metadata)
 
 
+def _metadata_dict(text):
+    """The dict that `text` (str or bytes) holds as JSON, else None."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_metadata(path):
-    """The `metadata` dict written by `save_png` / `save_grid` ({} when there is none)."""
+    """The `metadata` dict written by `save_png` / `save_grid` / `save_image` ({} when there is none).
+
+    Read from the PNG text chunk "keras_sd3", else the EXIF ImageDescription, else the JPEG comment; text that
+    is not a JSON dict counts as none.
+    """
     with Image.open(path) as image:
-        text = getattr(image, "text", {}) or {}
-    return json.loads(text[METADATA_KEY]) if METADATA_KEY in text else {}
+        texts = [
+            (getattr(image, "text", None) or {}).get(METADATA_KEY),
+            image.getexif().get(EXIF_IMAGE_DESCRIPTION),
+            image.info.get("comment"),
+        ]
+    found = (_metadata_dict(text) for text in texts)
+    return next((metadata for metadata in found if metadata is not None), {})
 
 
 def save_frames(path, frames, fps=10, rubber_band_loop=False, metadata=None):

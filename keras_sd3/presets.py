@@ -3,10 +3,12 @@
 The real models resolve through the local Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`,
 else `~/.cache/huggingface/hub`, the layout `huggingface_hub` writes) and are downloaded with
 `huggingface_hub` only when they are not cached and the machine is online (`HF_HUB_OFFLINE` unset).
-Each preset carries its recommended generation defaults, which the tasks' `from_preset` applies.
+Each preset carries its recommended generation defaults, which the tasks' `from_preset` applies;
+a checkpoint folder's own `model_index.json` may carry them too (`folder_settings`), and those win.
 """
 
 import dataclasses
+import json
 import os
 
 from keras_sd3.errors import PresetError
@@ -53,6 +55,36 @@ PRESETS = {
                "stabilityai/stable-diffusion-3.5-large-turbo", 4, 0.0),
     )
 }
+
+
+# The entries keras_sd3 reads from the "_keras_sd3" block of a folder's model_index.json.
+GENERATION_SETTINGS = ("num_steps", "guidance_scale", "skip_layer_guidance")
+
+
+def folder_settings(path):
+    """The "_keras_sd3" block of `path`'s `model_index.json` ({} for a file or a folder without one).
+
+    It holds what a checkpoint says about itself beyond diffusers' configs: `t5_zero_tokens`, the
+    recommended `num_steps` / `guidance_scale` / `skip_layer_guidance`, and for a model trained on a
+    closed set of caption words, that `vocabulary`.
+    """
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return {}
+    try:
+        with open(index) as f:
+            block = json.load(f).get("_keras_sd3", {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise PresetError(f"{index} is not a readable JSON object ({error}).") from None
+    return block if isinstance(block, dict) else {}
+
+
+def generation_defaults(path, preset=None):
+    """Recommended `{"num_steps", "guidance_scale", "skip_layer_guidance"}` for a checkpoint: the folder's
+    own (`folder_settings`), else its preset's, else {} (the tasks then use KerasHub's)."""
+    defaults = dict(preset.defaults) if preset is not None else {}
+    defaults.update({k: v for k, v in folder_settings(path).items() if k in GENERATION_SETTINGS})
+    return defaults
 
 
 def hub_cache():

@@ -1,5 +1,9 @@
 """Models: the MMDiT, the VAE and the `StableDiffusion3Backbone` that ties them to the step API."""
 
+from keras_sd3.keras_backend import require
+
+require()  # a clear error for a missing or unknown backend, before Keras is imported
+
 from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.models.config import SD3_MEDIUM, SD3_VAE, SD35_LARGE, SD35_MEDIUM, MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT

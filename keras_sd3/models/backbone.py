@@ -20,10 +20,15 @@ from keras_sd3.weights.assign import build_then_load, load_layer_weights
 TEXT_ENCODERS = {"clip_l": (CLIPConfig, CLIPTextEncoder), "clip_g": (CLIPConfig, CLIPTextEncoder), "t5": (T5Config, T5Encoder)}
 
 
+def image_size_rule(mmdit_config, vae_config):
+    """`(multiple, limit)`: image heights and widths must be multiples of `multiple`, at most `limit`."""
+    multiple = vae_config.downsample_factor * mmdit_config.patch_size
+    return multiple, multiple * mmdit_config.pos_embed_max_size
+
+
 def _check_image_shape(image_shape, mmdit_config, vae_config):
     height, width, channels = image_shape
-    multiple = vae_config.downsample_factor * mmdit_config.patch_size
-    limit = multiple * mmdit_config.pos_embed_max_size
+    multiple, limit = image_size_rule(mmdit_config, vae_config)
     if channels != 3 or height % multiple or width % multiple or height > limit or width > limit:
         raise ValueError(
             f"image_shape {tuple(image_shape)} is not supported by this model: expected (H, W, 3) "

@@ -1,5 +1,9 @@
 """Sampling: the flow-matching schedule, Euler step, noising and guidance, as pure functions."""
 
+from keras_sd3.keras_backend import require
+
+require()  # a clear error for a missing or unknown backend, before Keras is imported
+
 from keras_sd3.sampling.flow_match import (
     NUM_TRAIN_TIMESTEPS,
     add_noise,

@@ -34,7 +34,8 @@ class StableDiffusion3ImageToImage(GenerationTask):
                               dict(output=output, skip_layer_guidance=skip_layer_guidance, callback=callback,
                                    progress=progress))
 
-    def _generate(self, inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings, options):
+    def _generate(self, inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings, options,
+                  keep_unmasked=False):
         num_steps, guidance_scale, options["skip_layer_guidance"] = self.settings(
             num_steps, guidance_scale, options["skip_layer_guidance"])
         strength, num_steps = check_strength(strength), check_num_steps(num_steps)
@@ -50,4 +51,10 @@ class StableDiffusion3ImageToImage(GenerationTask):
             factor = self.backbone.vae_config.downsample_factor
             inpaint = (noise, image_latents, latent_mask(inputs["masks"], batch, self.backbone.image_shape, factor))
         outputs = self.run(latents, embeddings, num_steps, guidance_scale, start, inpaint, **options)
+        if keep_unmasked:
+            outputs = self.overlay(outputs, images, inputs)
         return self.unbatch(outputs, single, num_images)
+
+    def overlay(self, outputs, images, inputs):
+        """The generated uint8 `outputs` as they are (`StableDiffusion3Inpaint` pastes them over `images`)."""
+        return outputs

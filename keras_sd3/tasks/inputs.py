@@ -14,7 +14,8 @@ def _as_list(value, name):
 def parse_prompts(inputs, required_keys=("prompts",)):
     """`inputs` (str, list of str, or dict) -> (prompts, negative prompts, single, dict of other entries).
 
-    A dict must have `required_keys`; `negative_prompts` defaults to "" for each prompt.
+    A dict must have `required_keys`; `negative_prompts` defaults to "" for each prompt, and one
+    string is used for every prompt; a list must have one negative prompt per prompt (as diffusers).
     """
     if not isinstance(inputs, dict):
         if required_keys != ("prompts",):
@@ -30,12 +31,13 @@ def parse_prompts(inputs, required_keys=("prompts",)):
     negatives = inputs.get("negative_prompts")
     if negatives is None:
         negatives = [""] * len(prompts)
+    elif isinstance(negatives, str):
+        negatives = [negatives] * len(prompts)
     else:
         negatives, _ = _as_list(negatives, "negative_prompts")
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(negatives)} negative prompts; they must match.")
+            raise ValueError(f"Got {len(prompts)} prompts but {len(negatives)} negative prompts: give one negative "
+                             "prompt per prompt, or one string for all.")
     return prompts, negatives, single, inputs
 
 
@@ -43,6 +45,14 @@ def check_num_steps(num_steps):
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
     return int(num_steps)
+
+
+def check_guidance_scale(guidance_scale):
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.number)) or not (
+        0.0 <= float(guidance_scale) < float("inf")
+    ):
+        raise ValueError(f"guidance_scale must be a number >= 0 (0 to 1: no guidance), got {guidance_scale!r}.")
+    return float(guidance_scale)
 
 
 def check_strength(strength):
@@ -71,7 +81,10 @@ def batch_images(images, batch, image_shape, name="images", value_range=(-1.0, 1
 
 
 def latent_mask(masks, batch, image_shape, factor):
-    """Masks (True / >= 0.5 = repaint) -> binary (batch, h, w, 1) float32 at latent resolution (nearest)."""
+    """Masks (True / >= 0.5 = repaint) -> binary (batch, h, w, 1) float32 at 1 / `factor` resolution (nearest).
+
+    `factor` is the VAE's downsampling factor for latent masks, 1 for masks of the images' size.
+    """
     height, width = image_shape[:2]
     masks = np.asarray(masks)
     if masks.ndim == 4 and masks.shape[-1] == 1:

@@ -8,7 +8,7 @@ from keras import ops
 
 from keras_sd3 import presets, sampling
 from keras_sd3.models.backbone import StableDiffusion3Backbone
-from keras_sd3.tasks.inputs import check_num_steps, parse_prompts
+from keras_sd3.tasks.inputs import check_guidance_scale, check_num_steps, parse_prompts
 from keras_sd3.tasks.loop import CompiledSteps, scalar
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
 
@@ -54,18 +54,24 @@ class GenerationTask:
     @classmethod
     def from_preset(cls, source, image_shape=None, dtype=None, **kwargs):
         """Loads the backbone and the preprocessor from a diffusers folder, a single file or a preset
-        name (see the backbone's `from_preset`); a preset also sets the generation defaults."""
+        name (see the backbone's `from_preset`). The generation defaults are the folder's own
+        (`model_index.json`'s "_keras_sd3" block), else the preset's (`presets.generation_defaults`)."""
         path, preset = presets.resolve(source)
         backbone = StableDiffusion3Backbone.from_preset(path, image_shape=image_shape, dtype=dtype, **kwargs)
         preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(path) if os.path.isdir(path) else None
-        return cls(backbone, preprocessor, preset.defaults if preset else None)
+        return cls(backbone, preprocessor, presets.generation_defaults(path, preset))
 
     def settings(self, num_steps, guidance_scale, skip_layer_guidance):
-        """The given values, else this task's `defaults`, else KerasHub's (guidance 7, no SLG)."""
+        """The given values, else this task's `defaults`, else KerasHub's (guidance 7, no SLG), checked.
+
+        Raises:
+            ValueError: `num_steps` not an integer >= 1, or `guidance_scale` not a number >= 0.
+        """
         defaults = {"num_steps": self.default_num_steps, "guidance_scale": 7.0, "skip_layer_guidance": None,
                     **self.defaults}
         given = {"num_steps": num_steps, "guidance_scale": guidance_scale, "skip_layer_guidance": skip_layer_guidance}
-        return tuple(defaults[k] if v is None else v for k, v in given.items())
+        num_steps, guidance_scale, skip_layer_guidance = (defaults[k] if v is None else v for k, v in given.items())
+        return check_num_steps(num_steps), check_guidance_scale(guidance_scale), skip_layer_guidance
 
     def encode(self, prompts, negatives):
         """Prompts -> the 4-tuple of embeddings."""

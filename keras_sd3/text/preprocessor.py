@@ -1,6 +1,8 @@
 """`StableDiffusion3TextToImagePreprocessor`: prompts -> the token-id dict of `encode_text_step`."""
 
 import os
+import re
+import warnings
 
 from keras_sd3 import presets
 from keras_sd3.text.tokenizers import CLIPTokenizer, T5Tokenizer
@@ -9,18 +11,24 @@ from keras_sd3.text.tokenizers import CLIPTokenizer, T5Tokenizer
 class StableDiffusion3TextToImagePreprocessor:
     """Tokenizes prompts for CLIP-L, CLIP-G and (optionally) T5, with KerasHub's interface.
 
+    Prompts longer than an encoder takes are cut, as diffusers does, with one warning per encoder
+    saying how many tokens were dropped.
+
     Args:
         clip_l_tokenizer, clip_g_tokenizer: `CLIPTokenizer`s.
         t5_tokenizer: a `T5Tokenizer` or None (the backbone then uses a zero T5 context).
+        vocabulary: for a model trained on a closed set of caption words (the embedded one), those
+            words (`unknown_words` then lists the others); None for an open vocabulary.
 
     Example:
         >>> preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset("path/to/sd3-diffusers")
         >>> token_ids = preprocessor.generate_preprocess(["a cat"])  # {"clip_l", "clip_g"[, "t5"]}
     """
 
-    def __init__(self, clip_l_tokenizer, clip_g_tokenizer, t5_tokenizer=None):
+    def __init__(self, clip_l_tokenizer, clip_g_tokenizer, t5_tokenizer=None, vocabulary=None):
         self.clip_l_tokenizer, self.clip_g_tokenizer = clip_l_tokenizer, clip_g_tokenizer
         self.t5_tokenizer = t5_tokenizer
+        self.vocabulary = None if vocabulary is None else frozenset(vocabulary)
 
     @classmethod
     def from_preset(cls, source, max_sequence_length=256):
@@ -41,6 +49,7 @@ class StableDiffusion3TextToImagePreprocessor:
             CLIPTokenizer.from_folder(os.path.join(source, "tokenizer")),
             CLIPTokenizer.from_folder(os.path.join(source, "tokenizer_2")),
             T5Tokenizer.from_folder(t5_folder, max_sequence_length) if os.path.isdir(t5_folder) else None,
+            presets.folder_settings(source).get("vocabulary"),
         )
 
     def generate_preprocess(self, prompts):
@@ -48,9 +57,29 @@ class StableDiffusion3TextToImagePreprocessor:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
-        ids = {"clip_l": self.clip_l_tokenizer(prompts), "clip_g": self.clip_g_tokenizer(prompts)}
-        if self.t5_tokenizer is not None:
-            ids["t5"] = self.t5_tokenizer(prompts)
+        encoders = {"clip_l": ("CLIP-L", self.clip_l_tokenizer), "clip_g": ("CLIP-G", self.clip_g_tokenizer),
+                    "t5": ("T5", self.t5_tokenizer)}
+        ids = {}
+        for key, (name, tokenizer) in encoders.items():
+            if tokenizer is not None:
+                ids[key], dropped = tokenizer.tokenize(prompts)
+                _warn_truncated(name, tokenizer.sequence_length, dropped)
         return ids
 
+    def unknown_words(self, prompt):
+        """The words of `prompt` outside the model's closed `vocabulary`, in order ([] for an open one)."""
+        if self.vocabulary is None:
+            return []
+        words = re.findall(r"[^\W\d_]+|\d+", str(prompt).lower())
+        return list(dict.fromkeys(w for w in words if w not in self.vocabulary))
+
     __call__ = generate_preprocess
+
+
+def _warn_truncated(encoder, length, dropped):
+    """One warning for the prompts an encoder cut (diffusers warns the same way)."""
+    cut = [(i, n) for i, n in enumerate(dropped) if n]
+    if cut:
+        which = ", ".join(f"{n} tokens of prompt {i}" for i, n in cut)
+        warnings.warn(f"{encoder} takes at most {length} tokens per prompt (its special tokens included): "
+                      f"dropped the last {which}.", stacklevel=3)

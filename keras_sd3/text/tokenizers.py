@@ -111,12 +111,16 @@ class CLIPTokenizer:
             eos_token=special.get("eos_token", "<|endoftext|>"),
         )
 
-    def __call__(self, texts):
-        """list of str -> (B, sequence_length) int32 ids."""
+    def tokenize(self, texts):
+        """list of str -> ((B, sequence_length) int32 ids, the number of tokens cut from each text)."""
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         keep = self.sequence_length - 2
         rows = [[self.bos_id, *e.ids[:keep], self.eos_id] for e in encodings]
-        return _pad_ids(rows, self.sequence_length, self.pad_id)
+        return _pad_ids(rows, self.sequence_length, self.pad_id), [max(len(e.ids) - keep, 0) for e in encodings]
+
+    def __call__(self, texts):
+        """list of str -> (B, sequence_length) int32 ids."""
+        return self.tokenize(texts)[0]
 
 
 class T5Tokenizer:
@@ -152,8 +156,13 @@ class T5Tokenizer:
             raise FileNotFoundError(f"{folder} has no T5 tokenizer: expected tokenizer.json or spiece.model.")
         return cls(encode, eos_id=eos_id, pad_id=max(pad_id, 0), sequence_length=sequence_length)
 
+    def tokenize(self, texts):
+        """list of str -> ((B, sequence_length) int32 ids, the number of tokens cut from each text)."""
+        keep = self.sequence_length - 1
+        encoded = self.encode(list(texts))
+        rows = [[*ids[:keep], self.eos_id] for ids in encoded]
+        return _pad_ids(rows, self.sequence_length, self.pad_id), [max(len(ids) - keep, 0) for ids in encoded]
+
     def __call__(self, texts):
         """list of str -> (B, sequence_length) int32 ids."""
-        keep = self.sequence_length - 1
-        rows = [[*ids[:keep], self.eos_id] for ids in self.encode(list(texts))]
-        return _pad_ids(rows, self.sequence_length, self.pad_id)
+        return self.tokenize(texts)[0]

@@ -91,6 +91,12 @@ def shapes_dataset(count, seed=0, size=64):
     return images, [scene.caption() for scene in scenes], scenes
 
 
+def caption_words():
+    """The sorted words the captions are made of (every caption uses only these)."""
+    places = [word for place in PLACES if place != "in the center" for word in place.split()]
+    return sorted({*COLORS, *SHAPES, *SIZES, *places, "a", "on", "background"})
+
+
 def vocabulary_corpus():
     """Every caption word in context (for training the tokenizer)."""
     words = [*COLORS, *SHAPES, *SIZES, *(p for place in PLACES for p in place.split()), "a", "on", "background"]

@@ -18,6 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_sd3.models.backbone import StableDiffusion3Backbone
+from keras_sd3.presets import PRESETS
 from keras_sd3.models.clip import CLIPConfig
 from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
@@ -96,7 +97,10 @@ def build(output, num_images=8000, vae_steps=800, mmdit_steps=3000, batch_size=6
                                               batch_size, mmdit_steps, seed)
         history = trainer.train_mmdit(backbone, batches, learning_rate)
         log(f"MMDiT: loss {history.history['loss'][-1]:.4f}")
-        save_diffusers_folder(backbone, output, {"clip_l": tokenizer_folder, "clip_g": tokenizer_folder}, dtype)
+        settings = dict(PRESETS["sd3_tiny_shapes"].defaults, vocabulary=shapes.caption_words())
+        settings.pop("skip_layer_guidance")
+        save_diffusers_folder(backbone, output, {"clip_l": tokenizer_folder, "clip_g": tokenizer_folder}, dtype,
+                              settings)
     stages = []
     if resume is not None:  # read before writing: `resume` may be `output`
         with open(os.path.join(resume, "training.json")) as f:

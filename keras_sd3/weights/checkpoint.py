@@ -92,9 +92,7 @@ def _open_folder(folder):
             open_weights(vae, "diffusion_pytorch_model"),
         ),
     )
-    index = os.path.join(folder, "model_index.json")
-    if os.path.isfile(index):
-        checkpoint.t5_zero_tokens = _read_json(index).get("_keras_sd3", {}).get("t5_zero_tokens")
+    checkpoint.t5_zero_tokens = presets.folder_settings(folder).get("t5_zero_tokens")
     for name in TEXT_FOLDERS:
         setattr(checkpoint, name, _open_text_folder(folder, name))
         tokenizer = os.path.join(folder, TOKENIZER_FOLDERS[name])

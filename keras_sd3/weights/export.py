@@ -71,7 +71,7 @@ def _write(folder, config, tensors, weights_name):
     save_file(tensors, os.path.join(folder, weights_name))
 
 
-def save_diffusers_folder(backbone, folder, tokenizer_folders, dtype="float32"):
+def save_diffusers_folder(backbone, folder, tokenizer_folders, dtype="float32", settings=None):
     """Writes `backbone` (MMDiT, VAE, CLIP-L / CLIP-G; no T5) and its tokenizers as a diffusers folder.
 
     Args:
@@ -79,6 +79,8 @@ def save_diffusers_folder(backbone, folder, tokenizer_folders, dtype="float32"):
         folder: the output folder (created).
         tokenizer_folders: `{"clip_l": path, "clip_g": path}` of CLIP-format tokenizer folders to copy.
         dtype: the stored tensor dtype ("float32" or "float16").
+        settings: more entries for model_index.json's "_keras_sd3" block (`presets.folder_settings`),
+            e.g. the recommended `num_steps` / `guidance_scale` and a closed caption `vocabulary`.
     """
     if backbone.clip_l is None or backbone.t5 is not None:
         raise ValueError("save_diffusers_folder writes backbones with CLIP-L / CLIP-G and without T5.")
@@ -99,5 +101,5 @@ def save_diffusers_folder(backbone, folder, tokenizer_folders, dtype="float32"):
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
              "text_encoder_3": [None, None], "tokenizer_3": [None, None], "image_encoder": [None, None],
              "feature_extractor": [None, None],
-             "_keras_sd3": {"t5_zero_tokens": backbone.t5_zero_tokens}}
+             "_keras_sd3": {"t5_zero_tokens": backbone.t5_zero_tokens, **(settings or {})}}
     _write_json(os.path.join(folder, "model_index.json"), index)
