@@ -38,7 +38,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block): `keras-sd3: error: --seed must be ...`, exit 2."""
 
     def error(self, message):
-        message = re.sub(r"^argument (\S+): ", r"\1 ", message)
+        message = re.sub(r"^argument (\S+): (must )?", lambda m: f"{m[1]} {m[2]}" if m[2] else f"{m[1]}: ", message)
         self.exit(2, f"keras-sd3: error: {message}\n")
 
 

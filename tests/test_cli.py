@@ -1,6 +1,7 @@
 """The `keras-sd3` command line: each subcommand on the embedded model, metadata, and bad arguments."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,11 +9,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_sd3 import cli, media
+from keras_sd3 import __version__, cli, media
+from keras_sd3.models import StableDiffusion3Inpaint, StableDiffusion3TextToImage
+from keras_sd3.presets import EMBEDDED
 
 
 def run_cli(*args):
     return cli.main(list(args))
+
+
+def error_line(capsys):
+    """The one line a failed command prints (and nothing else)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
 
 
 def test_generate_writes_a_png_with_its_parameters(tmp_path):
@@ -28,14 +38,21 @@ def test_generate_writes_a_png_with_its_parameters(tmp_path):
     assert metadata["guidance"] == PRESETS["sd3_tiny_shapes"].guidance_scale  # the preset's default
 
 
-def test_generate_several_images(tmp_path):
+def test_several_images_use_consecutive_seeds_and_each_can_be_made_alone(tmp_path):
     out = str(tmp_path / "shapes.png")
-    assert run_cli("generate", "a green square", "--steps", "1", "--num-images", "2", "--negative", "red",
-                   "--guidance", "2", "-o", out) == 0
-    names = sorted(os.listdir(tmp_path))
-    assert names == ["shapes-1.png", "shapes-2.png"]
+    assert run_cli("generate", "a green square on a red background", "--steps", "3", "--num-images", "2",
+                   "--negative", "blue", "--guidance", "2", "--seed", "5", "-o", out) == 0
+    assert sorted(os.listdir(tmp_path)) == ["shapes-1.png", "shapes-2.png"]
     second = media.read_metadata(tmp_path / "shapes-2.png")
-    assert second["image_index"] == 1 and second["negative_prompt"] == "red" and second["guidance"] == 2.0
+    assert second["image_index"] == 1 and second["negative_prompt"] == "blue" and second["guidance"] == 2.0
+    assert second["seed"] == 6 and media.read_metadata(tmp_path / "shapes-1.png")["seed"] == 5
+    assert Image.open(tmp_path / "shapes-2.png").text["seed"] == "6"  # a readable PNG text chunk
+    alone = str(tmp_path / "alone.png")
+    assert run_cli("generate", "a green square on a red background", "--steps", "3", "--negative", "blue",
+                   "--guidance", "2", "--seed", "6", "-o", alone) == 0
+    batched, single = (np.asarray(Image.open(p), int) for p in (tmp_path / "shapes-2.png", alone))
+    assert np.abs(batched - single).max() <= 2, "image 2 of a batch differs from its seed made alone"
+    assert np.abs(batched - np.asarray(Image.open(tmp_path / "shapes-1.png"), int)).mean() > 1  # seeds differ
 
 
 @pytest.fixture
@@ -49,58 +66,164 @@ def picture(tmp_path):
     return str(tmp_path / "in.png"), str(tmp_path / "mask.png")
 
 
-def test_img2img_and_inpaint(tmp_path, picture):
+def test_img2img_and_inpaint_keep_the_unmasked_pixels(tmp_path, picture):
     image, mask = picture
     out = str(tmp_path / "i2i.png")
     assert run_cli("img2img", "a red square", "--image", image, "--strength", "0.5", "--steps", "2", "-o", out) == 0
     assert media.read_metadata(out)["strength"] == 0.5 and media.read_metadata(out)["task"] == "img2img"
-    out = str(tmp_path / "inpaint.png")
-    assert run_cli("inpaint", "a yellow circle", "--image", image, "--mask", mask, "--steps", "2", "-o", out) == 0
-    result, original = np.asarray(Image.open(out)).astype(int), np.asarray(Image.open(image)).astype(int)
-    # The left half (mask 0) is kept up to the VAE round trip; it is compared in the model's latents,
-    # so only a loose pixel bound holds here.
-    assert np.abs(result[:, :24] - original[:, :24]).mean() < 40
-    assert media.read_metadata(out)["strength"] == 0.6  # the inpainting default
+    original = np.asarray(Image.open(image)).astype(int)
+    results = {}
+    for flag in ("--keep-unmasked", "--no-keep-unmasked", None):
+        out = str(tmp_path / f"inpaint{flag}.png")
+        extra = [flag] if flag else []
+        assert run_cli("inpaint", "a yellow circle", "--image", image, "--mask", mask, "--steps", "2", "--seed", "0", "-o", out,
+                       *extra) == 0
+        results[flag] = np.asarray(Image.open(out)).astype(int)
+    # Mask: x > 32 repaints. Columns 0..28 are more than 4 pixels from it: exactly the input by default.
+    np.testing.assert_array_equal(results[None][:, :29], original[:, :29])
+    np.testing.assert_array_equal(results["--keep-unmasked"], results[None])
+    assert np.abs(results["--no-keep-unmasked"][:, :29] - original[:, :29]).max() > 0  # the VAE round trip
+    assert np.abs(results[None][:, 33:] - original[:, 33:]).mean() > 5  # the masked half was repainted
+    assert media.read_metadata(out)["strength"] == 0.6 and media.read_metadata(out)["keep_unmasked"] is True
+
+
+def test_a_mask_of_another_size_is_resized_and_said(tmp_path, picture, capsys):
+    image, _ = picture
+    Image.fromarray(np.full((32, 48), 255, np.uint8)).save(tmp_path / "small_mask.png")
+    out = str(tmp_path / "out.png")
+    assert run_cli("inpaint", "a red circle", "--image", image, "--mask", str(tmp_path / "small_mask.png"),
+                   "--steps", "1", "-o", out) == 0
+    assert "the mask is 48 x 32 pixels; resized to the image's 64 x 64" in capsys.readouterr().err
+
+
+def test_an_all_black_mask_warns_and_gives_back_the_input(tmp_path, picture, capsys):
+    image, _ = picture
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
+    out = str(tmp_path / "out.png")
+    assert run_cli("inpaint", "a red circle", "--image", image, "--mask", str(tmp_path / "black.png"), "-o", out) == 0
+    assert "keras-sd3: warning: nothing to repaint" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(image)))
+
+
+def test_words_the_embedded_model_never_saw_are_listed(tmp_path, capsys):
+    out = str(tmp_path / "out.png")
+    assert run_cli("generate", "a big yellow square in the center with a dog", "--steps", "1", "-o", out) == 0
+    assert "it does not know 'center', 'with', 'dog'" in capsys.readouterr().err
+    assert run_cli("generate", "a small red circle in the top left on a blue background", "--steps", "1",
+                   "-o", out) == 0
+    assert "does not know" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extension", [".jpg", ".webp"])
+def test_jpeg_and_webp_outputs_carry_the_parameters(tmp_path, extension):
+    out = str(tmp_path / f"out{extension}")
+    assert run_cli("generate", "a red circle", "--steps", "1", "--seed", "9", "-o", out) == 0
+    with Image.open(out) as image:
+        assert image.format == {".jpg": "JPEG", ".webp": "WEBP"}[extension]
+    metadata = media.read_metadata(out)
+    assert metadata["seed"] == 9 and metadata["prompt"] == "a red circle"
+
+
+def test_a_copied_embedded_folder_keeps_its_recommended_settings(tmp_path):
+    folder = shutil.copytree(os.path.join(EMBEDDED, "sd3_tiny_shapes"), tmp_path / "my_copy")
+    out = str(tmp_path / "out.png")
+    assert run_cli("generate", "a red circle", "--model", str(folder), "-o", out, "--seed", "1") == 0
+    metadata = media.read_metadata(out)
+    assert (metadata["steps"], metadata["guidance"]) == (20, 4.0)
+
+
+def test_missing_output_folders_are_created(tmp_path):
+    out = tmp_path / "new" / "deeper" / "x.png"
+    assert run_cli("generate", "a blue circle", "--steps", "1", "-o", str(out)) == 0
+    assert out.is_file()
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    """Fails the test if a command gets as far as loading weights."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    for task in (StableDiffusion3TextToImage, StableDiffusion3Inpaint):
+        monkeypatch.setattr(task, "from_preset", classmethod(fail))
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["img2img", "x", "--image", "{image}", "--strength", "1.5"], "strength must be in [0, 1], got 1.5"),
-        (["generate", "x", "--size", "50"], "multiples of 16"),
-        (["generate", "x", "--steps", "0"], "must be an integer >= 1"),
+        (["img2img", "x", "--image", "{image}", "--strength", "1.5"], "--strength must be a number in [0, 1], got '1.5'"),
+        (["generate", "x", "--size", "50"], "--size 50x50: sd3_tiny_shapes makes images whose height and width are "
+                                            "multiples of 8 up to 256"),
+        (["generate", "x", "--size", "100000"], "multiples of 8 up to 256"),
+        (["generate", "x", "--size", "big"], "--size must be N or HxW in pixels"),
+        (["generate", "x", "--steps", "0"], "--steps must be an integer >= 1, got '0'"),
+        (["generate", "x", "--steps", "abc"], "--steps must be an integer >= 1, got 'abc'"),
+        (["generate", "x", "--seed", "-1"], "--seed must be an integer in [0, 4294967295], got '-1'"),
+        (["generate", "x", "--seed", "4294967295", "--num-images", "2"], "--seed + --num-images - 1 must be at most"),
+        (["generate", "x", "--guidance", "-2"], "--guidance must be a number >= 0, got '-2'"),
+        (["generate", "x", "--guidance", "high"], "--guidance must be a number >= 0, got 'high'"),
+        (["generate", "x", "--dtype", "float8"], "--dtype: invalid choice: 'float8'"),
         (["img2img", "x"], "the following arguments are required: --image"),
         (["inpaint", "x", "--image", "{image}", "--mask", "missing.png"], "--mask 'missing.png' does not exist"),
-        (["generate", "x", "-o", "out.jpg"], "the output must be a .png file"),
-        (["generate", "x", "--backend", "numpy"], "invalid choice: 'numpy'"),
+        (["img2img", "x", "--image", "{text}"], "is not a readable image"),
+        (["generate", "x", "-o", "out.gif"], "-o/--output must end in .png, .jpg, .jpeg, .webp, got 'out.gif'"),
+        (["generate", "x", "-o", "{folder}/made.png"], "is a folder; give a file name"),
+        (["generate", "x", "--backend", "numpy"], "--backend: invalid choice: 'numpy'"),
+        (["generate", "x", "--model", "{folder}/nothing"], "neither a diffusers folder, a .safetensors file nor a preset"),
+        (["img2img", "x", "--image", "{odd}"], "is 50x50 pixels and sd3_tiny_shapes makes images"),
         (["paint", "x"], "invalid choice: 'paint'"),
     ],
 )
-def test_bad_arguments_exit_2_with_a_message(args, message, picture, capsys):
-    args = [a.replace("{image}", picture[0]) for a in args]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(*args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-
-
-def test_bad_model_and_bad_image_size_exit_2(tmp_path, picture, capsys):
-    assert run_cli("generate", "x", "--model", str(tmp_path / "nothing"), "-o", str(tmp_path / "a.png")) == 2
-    assert "neither a diffusers folder, a .safetensors file nor a preset" in capsys.readouterr().err
+def test_bad_arguments_exit_2_with_one_line_before_loading(args, message, picture, tmp_path, capsys,
+                                                           model_never_loads):
+    (tmp_path / "text.png").write_text("not a picture")
     Image.new("RGB", (50, 50)).save(tmp_path / "odd.png")
-    assert run_cli("img2img", "x", "--image", str(tmp_path / "odd.png"), "-o", str(tmp_path / "b.png")) == 2
-    assert "multiple" in capsys.readouterr().err
+    (tmp_path / "made.png").mkdir()
+    names = {"{image}": picture[0], "{text}": str(tmp_path / "text.png"), "{odd}": str(tmp_path / "odd.png"),
+             "{folder}": str(tmp_path)}
+    for old, new in names.items():
+        args = [a.replace(old, new) for a in args]
+    try:
+        code = run_cli(*args)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    line = error_line(capsys)
+    assert line.startswith("keras-sd3: error: ") and message in line
+    assert "positive_int" not in line and "Traceback" not in line
 
 
-def test_console_script_runs_in_a_fresh_process(tmp_path):
+def test_ctrl_c_exits_130_with_one_line_and_no_file(tmp_path, capsys, monkeypatch):
+    def interrupted(args, size, paths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "generate", interrupted)
+    out = tmp_path / "new_folder" / "x.png"
+    assert run_cli("generate", "a red circle", "-o", str(out)) == 130
+    assert error_line(capsys) == "keras-sd3: interrupted"
+    assert os.listdir(tmp_path) == []  # neither the image nor the folder made for it
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("--version")
+    assert capsys.readouterr().out.strip() == f"keras-sd3 {__version__}"
+    with pytest.raises(SystemExit):
+        run_cli("img2img", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: image.png)" in text and "(default: 0.8)" in text
+
+
+def test_console_script_runs_quietly_in_a_fresh_process(tmp_path):
+    """tensorflow's C++ start-up log is silenced unless -v is given (and the first-import message is
+    there to be silenced: the verbose run shows it)."""
     out = str(tmp_path / "x.png")
-    env = dict(os.environ)
-    result = subprocess.run([sys.executable, "-m", "keras_sd3.cli", "generate", "a blue triangle", "--steps", "1",
-                             "-o", out], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert media.read_metadata(out)["backend"] == os.environ["KERAS_BACKEND"]
-    result = subprocess.run([sys.executable, "-m", "keras_sd3.cli", "generate", "x", "--guidance", "high"],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 2 and "invalid float value: 'high'" in result.stderr
-    assert "Traceback" not in result.stderr
+    command = [sys.executable, "-m", "keras_sd3.cli", "generate", "a blue triangle", "--steps", "1",
+               "--backend", "tensorflow", "-o", out]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert media.read_metadata(out)["backend"] == "tensorflow"
+    assert quiet.stderr.replace("\r", "\n").split() == ["[##############################]", "step", "1/1"]
+    verbose = subprocess.run(command + ["-v"], capture_output=True, text=True, env=env, timeout=300)
+    assert verbose.returncode == 0 and "I0000" in verbose.stderr

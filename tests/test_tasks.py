@@ -238,7 +238,14 @@ def test_changing_prompt_guidance_steps_strength_does_not_recompile(setup):
     [
         (lambda t: t["text"].generate("x", num_steps=0), "num_steps must be an integer >= 1"),
         (lambda t: t["text"].generate({"prompt": "x"}), "missing the key"),
-        (lambda t: t["text"].generate({"prompts": ["a", "b"], "negative_prompts": ["c", "d", "e"]}), "must match"),
+        (lambda t: t["text"].generate({"prompts": ["a", "b"], "negative_prompts": ["c", "d", "e"]}),
+         "Got 2 prompts but 3 negative prompts"),
+        # A one-element list is not broadcast (diffusers raises too); a string is.
+        (lambda t: t["text"].generate({"prompts": ["a", "b"], "negative_prompts": ["c"]}),
+         "Got 2 prompts but 1 negative prompts"),
+        (lambda t: t["text"].generate("x", guidance_scale=-0.5), r"guidance_scale must be a number >= 0 .*-0.5"),
+        (lambda t: t["image"].generate({"images": stand_in_images(1), "prompts": "x"}, guidance_scale=-1),
+         "guidance_scale must be a number >= 0"),
         (lambda t: t["text"].generate("x", latents=np.zeros((1, 4, 4, 16))), "latents must have shape"),
         (lambda t: t["image"].generate({"images": stand_in_images(1), "prompts": "x"}, strength=1.5), "strength must be in"),
         (lambda t: t["image"].generate({"prompts": "x"}), "missing the key"),
@@ -260,3 +267,35 @@ def test_nan_latents_raise(setup):
     _, tasks = setup
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         tasks["text"].generate("x", num_steps=1, latents=np.full((1, *LATENT_SHAPE), np.nan, np.float32))
+
+
+def test_a_string_negative_prompt_is_used_for_every_prompt(setup):
+    _, tasks = setup
+    latents = noise(2)
+    both = tasks["text"].generate({"prompts": PROMPTS, "negative_prompts": "blurry"}, num_steps=1, latents=latents,
+                                  output="latents")
+    listed = tasks["text"].generate({"prompts": PROMPTS, "negative_prompts": ["blurry"] * 2}, num_steps=1,
+                                    latents=latents, output="latents")
+    np.testing.assert_array_equal(both, listed)
+
+
+def test_long_prompts_warn_once_per_encoder_with_the_dropped_count(setup, recwarn):
+    pipe, tasks = setup
+    preprocessor = tasks["text"].preprocessor
+    long_prompt = " ".join(["a red circle on a blue background"] * 40)
+    preprocessor.generate_preprocess(["a cat", long_prompt])
+    messages = [str(w.message) for w in recwarn if "tokens per prompt" in str(w.message)]
+    # The counts come from transformers' tokenizers (what diffusers truncates with), not from ours.
+    expected = {}
+    for name, tokenizer, specials in (("CLIP-L", pipe.tokenizer, 2), ("CLIP-G", pipe.tokenizer_2, 2),
+                                      ("T5", pipe.tokenizer_3, 1)):
+        length = preprocessor.t5_tokenizer.sequence_length if name == "T5" else tokenizer.model_max_length
+        tokens = len(tokenizer(long_prompt, add_special_tokens=False).input_ids)
+        expected[name] = (length, tokens - (length - specials))
+    assert len(messages) == 3, messages
+    for message, (name, (length, dropped)) in zip(messages, expected.items()):
+        assert dropped > 0
+        assert message.startswith(f"{name} takes at most {length} tokens") and f"{dropped} tokens of prompt 1" in message
+    recwarn.clear()
+    preprocessor.generate_preprocess(["a cat"])
+    assert not [w for w in recwarn if "tokens per prompt" in str(w.message)]
