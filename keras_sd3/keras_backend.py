@@ -65,8 +65,6 @@ def choose(requested=None):
     Raises:
         BackendError: the requested / configured backend is unknown or not installed, or none is installed.
     """
-    global _problem
-    _problem = None
     if requested is not None:
         os.environ["KERAS_BACKEND"] = _check(requested, "--backend")
         return requested
@@ -95,6 +93,9 @@ def choose_on_import():
 
 
 def require():
-    """Raises the problem `choose_on_import` found, if any (called before the first Keras import)."""
+    """Called before the first Keras import: if `choose_on_import` found a problem, chooses again (the
+    environment may have been fixed since), raising the BackendError that still holds."""
+    global _problem
     if _problem is not None:
-        raise BackendError(str(_problem))
+        choose()
+        _problem = None
