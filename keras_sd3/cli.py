@@ -3,6 +3,8 @@
     keras-sd3 generate "a red circle on a blue background" -o circle.png
     keras-sd3 img2img "a green square" --image in.png --strength 0.7 -o out.png
     keras-sd3 inpaint "a yellow triangle" --image in.png --mask mask.png -o out.png
+    keras-sd3 serve --port 7860
+
 
 `--model` takes a preset name, a diffusers folder or a .safetensors file (default: the embedded
 `sd3_tiny_shapes`). Images carry their generation parameters in their metadata (.png, .jpg, .webp).
@@ -27,6 +29,7 @@ from keras_sd3 import __version__, keras_backend, media
 DEFAULT_MODEL = "sd3_tiny_shapes"
 MAX_SEED = 2**32 - 1
 DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TASKS = {"generate": "text to image", "img2img": "image to image", "inpaint": "inpainting"}
 
 
@@ -69,7 +72,7 @@ def parse_size(text):
 def build_parser():
     parser = Parser(prog="keras-sd3", description="Stable Diffusion 3 with Keras 3.")
     parser.add_argument("--version", action="version", version=f"keras-sd3 {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint,serve}")
     for name, help_text in TASKS.items():
         command = commands.add_parser(name, help=help_text, description=f"Stable Diffusion 3: {help_text}.")
         command.add_argument("prompt")
@@ -97,7 +100,28 @@ def build_parser():
             command.add_argument("--mask", required=True, help="mask picture, white = repaint")
             command.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=True,
                                  help="paste the input back outside the mask (default: %(default)s)")
+    add_serve_parser(commands)
     return parser
+
+
+def add_serve_parser(commands):
+    """`keras-sd3 serve`: its own options (no prompt, no output file)."""
+    command = commands.add_parser("serve", help="HTTP server and web page", description="Serves the model over "
+                                  "HTTP (an API under /api/v1 and a web page at /) with a persistent job queue.")
+    command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
+                         "(default: %(default)s)")
+    command.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    command.add_argument("--port", type=number(int, 1, 65535), default=7860, help="(default: %(default)s)")
+    command.add_argument("--outputs", default="outputs", help="folder of the job database and the images "
+                         "(default: %(default)s)")
+    command.add_argument("--max-batch", type=number(int, 1), default=4, help="at most this many images per "
+                         "model call (default: %(default)s)")
+    command.add_argument("--api-key", default=os.environ.get("KERAS_SD3_API_KEY") or None,
+                         help="require this key on the API (default: $KERAS_SD3_API_KEY, else none)")
+    command.add_argument("--backend", choices=keras_backend.BACKENDS,
+                         help="Keras backend (default: KERAS_BACKEND, else the first installed)")
+    command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+    command.add_argument("-v", "--verbose", action="store_true", help="show the backends' log messages")
 
 
 def picture_size(path, option):
@@ -191,6 +215,27 @@ def read_picture(path, size, mode):
     return from_uint8(array) if mode == "RGB" else (array >= 128).astype(np.float32)
 
 
+def serve(args):
+    """Checks the model source and the outputs folder, then runs the server until Ctrl-C."""
+    try:
+        import uvicorn
+
+        from keras_sd3.serve import create_app
+    except ImportError as error:
+        raise UsageError(f"serve needs fastapi and uvicorn ({error}): pip install 'keras_sd3[serve]'") from None
+    from keras_sd3.weights.checkpoint import open_checkpoint
+
+    open_checkpoint(args.model)
+    os.makedirs(args.outputs, exist_ok=True)
+    if not os.access(args.outputs, os.W_OK):
+        raise UsageError(f"cannot write to the outputs folder {args.outputs!r}")
+    if args.host not in LOCAL_HOSTS and args.api_key is None:
+        print(f"keras-sd3: warning: serving on {args.host}: anyone who can reach this machine can use it "
+              "(set --api-key)", file=sys.stderr)
+    app = create_app(args.model, args.outputs, args.max_batch, args.api_key, dtype=args.dtype)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
 def generate(args, size, paths):
     """Loads the model, generates `--num-images` images (seeds seed, seed + 1, ...) and writes them."""
     import numpy as np
@@ -266,6 +311,10 @@ def main(argv=None):
     with warnings.catch_warnings(), contextlib.nullcontext() if args.verbose else quiet_backends():
         warnings.showwarning = one_line_warning
         try:
+            if args.command == "serve":
+                keras_backend.choose(args.backend)
+                serve(args)
+                return 0
             paths = check_arguments(args)
             keras_backend.choose(args.backend)
             size = check_size(args)
