@@ -229,9 +229,9 @@ def serve(args):
     os.makedirs(args.outputs, exist_ok=True)
     if not os.access(args.outputs, os.W_OK):
         raise UsageError(f"cannot write to the outputs folder {args.outputs!r}")
-    if args.host not in LOCAL_HOSTS and args.api_key is None:
-        print(f"keras-sd3: warning: serving on {args.host}: anyone who can reach this machine can use it "
-              "(set --api-key)", file=sys.stderr)
+    if args.host not in LOCAL_HOSTS:
+        who = "API calls need the key" if args.api_key else "anyone who can reach this machine can use it (set --api-key)"
+        print(f"keras-sd3: warning: serving on {args.host}, not only on this machine: {who}", file=sys.stderr)
     app = create_app(args.model, args.outputs, args.max_batch, args.api_key, dtype=args.dtype)
     uvicorn.run(app, host=args.host, port=args.port)
 

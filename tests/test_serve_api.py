@@ -359,13 +359,19 @@ def test_jobs_survive_a_restart(tmp_path):
 
 def test_cli_serve_starts_uvicorn_with_the_app_and_warns_on_a_public_address(tmp_path, monkeypatch, capsys):
     started = {}
-    uvicorn = pytest.importorskip("uvicorn")
+    import uvicorn
+
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port: started.update(app=app, host=host, port=port))
     monkeypatch.delenv("KERAS_SD3_API_KEY", raising=False)
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "8123", "--outputs", str(tmp_path / "out")]) == 0
     assert (started["host"], started["port"]) == ("0.0.0.0", 8123)
     assert started["app"].state.settings["outputs"] == str(tmp_path / "out")
-    assert "keras-sd3: warning: serving on 0.0.0.0: anyone who can reach" in capsys.readouterr().err
+    assert "keras-sd3: warning: serving on 0.0.0.0, not only on this machine: anyone who can reach" in \
+        capsys.readouterr().err
+    assert cli.main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--outputs", str(tmp_path / "out")]) == 0
+    assert "serving on 0.0.0.0, not only on this machine: API calls need the key" in capsys.readouterr().err
+    assert cli.main(["serve", "--outputs", str(tmp_path / "out")]) == 0
+    assert started["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--max-batch", "0"])
     assert exit_.value.code == 2
