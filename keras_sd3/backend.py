@@ -133,7 +133,7 @@ def compile_function(model, function):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(function, jit_compile=True, reduce_retracing=True)
+        return tf.function(function, jit_compile=True)  # one trace per input shape, as jax.jit (static shapes)
     import torch
 
     return torch.no_grad()(function)

@@ -25,16 +25,13 @@ import sys
 import warnings
 
 from keras_sd3 import __version__, keras_backend, media
+from keras_sd3.errors import UsageError
 
 DEFAULT_MODEL = "sd3_tiny_shapes"
 MAX_SEED = 2**32 - 1
 DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-TASKS = {"generate": "text to image", "img2img": "image to image", "inpaint": "inpainting"}
-
-
-class UsageError(Exception):
-    """A bad argument or input file, found before the model is loaded: one line, exit 2."""
+TASKS = {"generate": "text to image", "img2img": "image to image", "inpaint": "inpainting",
+         "control": "text to image guided by ControlNets"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,6 +58,18 @@ def number(kind, low, high=None, what=None):
     return parse
 
 
+def path_and_scale(text):
+    """"PATH" or "PATH:SCALE" -> (path, scale); the scale defaults to 1 (a path may contain ':')."""
+    path, _, tail = text.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not path or scale != scale or abs(scale) == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE with a finite SCALE, got {text!r}")
+    return path, scale
+
+
 def parse_size(text):
     """"512" or "768x512" (height x width) -> (height, width); the model's rule is checked later."""
     parts = text.lower().split("x")
@@ -72,7 +81,7 @@ def parse_size(text):
 def build_parser():
     parser = Parser(prog="keras-sd3", description="Stable Diffusion 3 with Keras 3.")
     parser.add_argument("--version", action="version", version=f"keras-sd3 {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint,control,serve}")
     for name, help_text in TASKS.items():
         command = commands.add_parser(name, help=help_text, description=f"Stable Diffusion 3: {help_text}.")
         command.add_argument("prompt")
@@ -91,8 +100,12 @@ def build_parser():
         command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
         command.add_argument("-o", "--output", default="image.png", help="output .png, .jpg or .webp; -1, -2, ... "
                              "are added for several images (default: %(default)s)")
+        command.add_argument("--lora", type=path_and_scale, action="append", default=[], metavar="PATH[:SCALE]",
+                             help="a LoRA .safetensors file (diffusers / PEFT or kohya), scale 1 by default; repeatable")
         command.add_argument("-v", "--verbose", action="store_true", help="show the backends' log messages")
-        if name != "generate":
+        if name == "control":
+            add_control_arguments(command)
+        elif name != "generate":
             command.add_argument("--image", required=True, help="input picture")
             command.add_argument("--strength", type=number(float, 0.0, 1.0, "a number in [0, 1]"),
                                  default=0.8 if name == "img2img" else 0.6, help="(default: %(default)s)")
@@ -102,6 +115,18 @@ def build_parser():
                                  help="paste the input back outside the mask (default: %(default)s)")
     add_serve_parser(commands)
     return parser
+
+
+def add_control_arguments(command):
+    """`keras-sd3 control`: one --control-image per --controlnet, in the same order."""
+    command.add_argument("--controlnet", type=path_and_scale, action="append", required=True, metavar="PATH[:SCALE]",
+                         help="an SD3 / SD3.5 ControlNet (diffusers folder or .safetensors), scale 1 by default")
+    command.add_argument("--control-image", action="append", required=True, help="its control map (canny edges, "
+                         "depth, ...), resized to the output size")
+    command.add_argument("--control-start", type=number(float, 0.0, 1.0, "a number in [0, 1]"), default=0.0,
+                         help="fraction of the steps before the ControlNets act (default: %(default)s)")
+    command.add_argument("--control-end", type=number(float, 0.0, 1.0, "a number in [0, 1]"), default=1.0,
+                         help="fraction of the steps after which they stop (default: %(default)s)")
 
 
 def add_serve_parser(commands):
@@ -173,7 +198,23 @@ def check_arguments(args):
     """Checks files, output and seed (no model needed); returns the output paths."""
     if args.seed is not None and args.seed + args.num_images - 1 > MAX_SEED:
         raise UsageError(f"--seed + --num-images - 1 must be at most {MAX_SEED}, got {args.seed + args.num_images - 1}")
-    args.image_size = picture_size(args.image, "--image") if args.command != "generate" else None
+    for path, _ in args.lora:
+        if not os.path.isfile(path) or not path.lower().endswith(".safetensors"):
+            raise UsageError(f"--lora {path!r} is not a .safetensors file")
+    for path, _ in getattr(args, "controlnet", []):
+        if not os.path.exists(path):
+            raise UsageError(f"--controlnet {path!r} does not exist")
+    args.image_option, args.image_size = None, None
+    if args.command == "control":
+        if len(args.control_image) != len(args.controlnet):
+            raise UsageError(f"got {len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image; "
+                             "give one control image per ControlNet")
+        if args.control_start >= args.control_end:
+            raise UsageError(f"--control-start {args.control_start} must be below --control-end {args.control_end}")
+        sizes = [picture_size(path, "--control-image") for path in args.control_image]
+        args.image_option, args.image_size = ("--control-image", args.control_image[0]), sizes[0]
+    elif args.command != "generate":
+        args.image_option, args.image_size = ("--image", args.image), picture_size(args.image, "--image")
     if args.command == "inpaint":
         mask_size = picture_size(args.mask, "--mask")
         target = args.size or args.image_size
@@ -196,7 +237,8 @@ def check_size(args):
         rule = f"{args.model} makes images whose height and width are multiples of {multiple} up to {limit}"
         if args.size:
             raise UsageError(f"--size {size[0]}x{size[1]}: {rule}")
-        raise UsageError(f"--image {args.image!r} is {size[0]}x{size[1]} pixels and {rule}: pass --size")
+        option, path = args.image_option
+        raise UsageError(f"{option} {path!r} is {size[0]}x{size[1]} pixels and {rule}: pass --size")
     return size
 
 
@@ -215,25 +257,21 @@ def read_picture(path, size, mode):
     return from_uint8(array) if mode == "RGB" else (array >= 128).astype(np.float32)
 
 
-def serve(args):
-    """Checks the model source and the outputs folder, then runs the server until Ctrl-C."""
-    try:
-        import uvicorn
+def load_task(args, size):
+    """The command's task, with its LoRAs loaded."""
+    from keras_sd3 import models
 
-        from keras_sd3.serve import create_app
-    except ImportError as error:
-        raise UsageError(f"serve needs fastapi and uvicorn ({error}): pip install 'keras_sd3[serve]'") from None
-    from keras_sd3.weights.checkpoint import open_checkpoint
-
-    open_checkpoint(args.model)
-    os.makedirs(args.outputs, exist_ok=True)
-    if not os.access(args.outputs, os.W_OK):
-        raise UsageError(f"cannot write to the outputs folder {args.outputs!r}")
-    if args.host not in LOCAL_HOSTS:
-        who = "API calls need the key" if args.api_key else "anyone who can reach this machine can use it (set --api-key)"
-        print(f"keras-sd3: warning: serving on {args.host}, not only on this machine: {who}", file=sys.stderr)
-    app = create_app(args.model, args.outputs, args.max_batch, args.api_key, dtype=args.dtype)
-    uvicorn.run(app, host=args.host, port=args.port)
+    image_shape = None if size is None else (*size, 3)
+    if args.command == "control":
+        nets = [path for path, _ in args.controlnet]
+        task = models.StableDiffusion3ControlNet.from_preset(args.model, nets, image_shape=image_shape, dtype=args.dtype)
+    else:
+        task_class = {"generate": models.StableDiffusion3TextToImage, "img2img": models.StableDiffusion3ImageToImage,
+                      "inpaint": models.StableDiffusion3Inpaint}[args.command]
+        task = task_class.from_preset(args.model, image_shape=image_shape, dtype=args.dtype)
+    for index, (path, scale) in enumerate(args.lora):
+        task.backbone.load_lora(path, scale=scale, name=f"{index + 1}-{os.path.basename(path)}")
+    return task
 
 
 def generate(args, size, paths):
@@ -241,11 +279,7 @@ def generate(args, size, paths):
     import numpy as np
 
     from keras_sd3 import backend_name
-    from keras_sd3.models import StableDiffusion3ImageToImage, StableDiffusion3Inpaint, StableDiffusion3TextToImage
-
-    task_class = {"generate": StableDiffusion3TextToImage, "img2img": StableDiffusion3ImageToImage,
-                  "inpaint": StableDiffusion3Inpaint}[args.command]
-    task = task_class.from_preset(args.model, image_shape=None if size is None else (*size, 3), dtype=args.dtype)
+    task = load_task(args, size)
     unknown = task.preprocessor.unknown_words(args.prompt) if task.preprocessor else []
     if unknown:
         warnings.warn(f"{args.model} was trained on captions made of {len(task.preprocessor.vocabulary)} words "
@@ -257,9 +291,18 @@ def generate(args, size, paths):
     inputs = {"prompts": args.prompt, "negative_prompts": args.negative}
     metadata = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": num_steps, "guidance": guidance,
                 "model": args.model, "task": args.command, "backend": backend_name()}
-    if args.command == "generate":
+    if args.lora:
+        metadata["loras"] = [list(lora) for lora in args.lora]
+    if args.command in ("generate", "control"):
         options["latents"] = noise
-    else:
+    if args.command == "control":
+        size = task.backbone.image_shape[:2]
+        inputs["control_images"] = [read_picture(path, size, "RGB") for path in args.control_image]
+        options.update(controlnet_conditioning_scale=[scale for _, scale in args.controlnet],
+                       control_guidance_start=args.control_start, control_guidance_end=args.control_end)
+        metadata.update(controlnets=[list(net) for net in args.controlnet], control_images=args.control_image,
+                        control_start=args.control_start, control_end=args.control_end)
+    elif args.command != "generate":
         size = task.backbone.image_shape[:2]
         inputs["images"] = read_picture(args.image, size, "RGB")
         options.update(noise=noise, strength=args.strength)
@@ -312,6 +355,8 @@ def main(argv=None):
         warnings.showwarning = one_line_warning
         try:
             if args.command == "serve":
+                from keras_sd3.serve.command import serve
+
                 keras_backend.choose(args.backend)
                 serve(args)
                 return 0

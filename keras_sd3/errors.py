@@ -1,4 +1,4 @@
-"""The errors keras_sd3 raises for bad checkpoints and presets (plain `ValueError`s, importable alone)."""
+"""The errors keras_sd3 raises for bad checkpoints, presets and command lines (importable alone)."""
 
 
 class CheckpointError(ValueError):
@@ -7,3 +7,7 @@ class CheckpointError(ValueError):
 
 class PresetError(CheckpointError):
     """A preset name that cannot be resolved to a local folder (unknown, or not downloaded)."""
+
+
+class UsageError(Exception):
+    """A bad command-line argument or input file, found before the model is loaded: one line, exit 2."""

@@ -111,6 +111,40 @@ def cached_snapshot(repo_id, cache=None):
     return next((c for c in candidates if os.path.isdir(os.path.join(c, "transformer"))), None)
 
 
+# KerasHub's preset name -> Kaggle model handle (keras_hub's stable_diffusion_3_presets.py).
+KAGGLE_HANDLES = {
+    "stable_diffusion_3_medium": "keras/stablediffusion3/keras/stable_diffusion_3_medium/5",
+    "stable_diffusion_3.5_medium": "keras/stablediffusion-3.5/keras/stable_diffusion_3.5_medium/1",
+    "stable_diffusion_3.5_large": "keras/stablediffusion-3.5/keras/stable_diffusion_3.5_large/3",
+    "stable_diffusion_3.5_large_turbo": "keras/stablediffusion-3.5/keras/stable_diffusion_3.5_large_turbo/3",
+}
+
+
+def kaggle_cache():
+    """The kagglehub cache folder, as `kagglehub` computes it (`KAGGLEHUB_CACHE`, else ~/.cache/kagglehub)."""
+    return os.environ.get("KAGGLEHUB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kagglehub")
+
+
+def cached_kaggle_preset(name, cache=None):
+    """The KerasHub preset folder of `name` in the kagglehub cache, or None.
+
+    kagglehub stores model `owner/model/framework/variation/version` in
+    `{cache}/models/owner/model/framework/variation/version/`; KerasHub's own version is looked at
+    first, then the newest other cached version. A folder counts once its `config.json` and weights are there.
+    """
+    owner, model, framework, variation, version = KAGGLE_HANDLES[name].split("/")
+    variation_folder = os.path.join(cache or kaggle_cache(), "models", owner, model, framework, variation)
+    if not os.path.isdir(variation_folder):
+        return None
+    others = sorted((v for v in os.listdir(variation_folder) if v.isdigit() and v != version), key=int, reverse=True)
+    for candidate in (os.path.join(variation_folder, v) for v in (version, *others)):
+        weights = ("model.weights.h5", "model.weights.json")
+        if os.path.isfile(os.path.join(candidate, "config.json")) and any(
+                os.path.isfile(os.path.join(candidate, w)) for w in weights):
+            return candidate
+    return None
+
+
 def _offline():
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
@@ -137,7 +171,9 @@ def download(name):
 
 
 def preset_folder(name):
-    """A preset name -> its local diffusers folder (embedded, cached, or downloaded when online).
+    """A preset name -> its local folder: embedded; else the Hugging Face cache's diffusers folder; else
+    the KerasHub preset folder that keras-hub downloaded into the kagglehub cache; else downloaded from
+    Hugging Face when online.
 
     Raises:
         PresetError: unknown name, or a real model that is not cached while offline (or whose
@@ -149,11 +185,13 @@ def preset_folder(name):
     if preset.repo_id is None:
         return os.path.join(EMBEDDED, name)
     folder = cached_snapshot(preset.repo_id)
+    if folder is None and name in KAGGLE_HANDLES:
+        folder = cached_kaggle_preset(name)
     if folder is not None:
         return folder
     if _offline():
-        raise PresetError(f"Preset {name!r} ({preset.repo_id}) is not in the Hugging Face cache ({hub_cache()}) and "
-                          "HF_HUB_OFFLINE is set. " + _how_to_get(preset))
+        raise PresetError(f"Preset {name!r} ({preset.repo_id}) is not in the Hugging Face cache ({hub_cache()}) nor "
+                          f"KerasHub's Kaggle cache ({kaggle_cache()}) and HF_HUB_OFFLINE is set. " + _how_to_get(preset))
     return download(name)
 
 

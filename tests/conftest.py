@@ -130,3 +130,37 @@ def assert_close(actual, expected, rel=1e-4):
     error, scale = np.max(np.abs(actual - expected)), np.max(np.abs(expected))
     assert scale > 0
     assert error <= rel * scale, f"max abs error {error:.3g} > {rel:g} x max |reference| {scale:.3g}"
+
+
+def embedded_controlnet(folder, num_layers=2, seed=0):
+    """A random diffusers `SD3ControlNetModel` shaped for the embedded `sd3_tiny_shapes`, saved to `folder`."""
+    import json
+
+    from diffusers import SD3ControlNetModel
+
+    from keras_sd3.presets import EMBEDDED
+
+    with open(os.path.join(EMBEDDED, "sd3_tiny_shapes", "transformer", "config.json")) as f:
+        config = {k: v for k, v in json.load(f).items()
+                  if not k.startswith("_") and k not in ("qk_norm", "dual_attention_layers")}
+    torch.manual_seed(seed)
+    net = SD3ControlNetModel(**dict(config, num_layers=num_layers))
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(0, 0.05)
+    net.save_pretrained(folder)
+    return folder
+
+
+def embedded_lora(path, seed=0):
+    """A random diffusers-format LoRA (rank 4) on two projections of the embedded `sd3_tiny_shapes`."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module, width in (("transformer_blocks.0.attn.to_q", 128), ("transformer_blocks.1.ff.net.2", 512)):
+        tensors[f"transformer.{module}.lora_A.weight"] = rng.normal(0, 0.3, (4, width)).astype(np.float32)
+        tensors[f"transformer.{module}.lora_B.weight"] = rng.normal(0, 0.3, (128, 4)).astype(np.float32)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, str(path))
+    return path

@@ -227,3 +227,48 @@ def test_console_script_runs_quietly_in_a_fresh_process(tmp_path):
     assert quiet.stderr.replace("\r", "\n").split() == ["[##############################]", "step", "1/1"]
     verbose = subprocess.run(command + ["-v"], capture_output=True, text=True, env=env, timeout=300)
     assert verbose.returncode == 0 and "I0000" in verbose.stderr
+
+
+def test_control_runs_a_controlnet_on_the_embedded_model(tmp_path, picture, capsys):
+    """`keras-sd3 control` with a random diffusers ControlNet shaped for the embedded model; the same call
+    with scale 0 gives the plain text-to-image picture (the ControlNet then adds nothing)."""
+    from conftest import embedded_controlnet
+
+    embedded_controlnet(tmp_path / "net")
+    image, _ = picture
+    common = ["a red circle on a blue background", "--steps", "2", "--seed", "4"]
+    outputs = {}
+    for scale in ("1", "0"):
+        outputs[scale] = str(tmp_path / f"control{scale}.png")
+        assert run_cli("control", *common, "--controlnet", f"{tmp_path / 'net'}:{scale}", "--control-image", image,
+                       "-o", outputs[scale]) == 0
+    plain = str(tmp_path / "plain.png")
+    assert run_cli("generate", *common, "-o", plain) == 0
+    controlled, unscaled, reference = (np.asarray(Image.open(p), int) for p in (outputs["1"], outputs["0"], plain))
+    assert np.abs(unscaled - reference).max() <= 2 and np.abs(controlled - reference).mean() > 1
+    metadata = media.read_metadata(outputs["1"])
+    assert metadata["task"] == "control" and metadata["controlnets"] == [[str(tmp_path / "net"), 1.0]]
+    assert run_cli("control", "x", "--controlnet", str(tmp_path / "net"), "--control-image", image,
+                   "--control-image", image) == 2
+    assert "got 1 --controlnet but 2 --control-image" in capsys.readouterr().err
+
+
+def test_lora_option_loads_each_file_with_its_scale(tmp_path, capsys):
+    """A diffusers-format LoRA on two projections of the embedded model: scale 0 gives the plain image
+    exactly, scale 1 a different one; two files at once; a missing file is refused before loading."""
+    from conftest import embedded_lora
+
+    embedded_lora(tmp_path / "style.safetensors")
+    common = ["generate", "a red circle on a blue background", "--steps", "2", "--seed", "4"]
+    out = {name: str(tmp_path / f"{name}.png") for name in ("plain", "zero", "one", "two")}
+    assert run_cli(*common, "-o", out["plain"]) == 0
+    assert run_cli(*common, "--lora", f"{tmp_path / 'style.safetensors'}:0", "-o", out["zero"]) == 0
+    assert run_cli(*common, "--lora", str(tmp_path / "style.safetensors"), "-o", out["one"]) == 0
+    assert run_cli(*common, "--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--lora",
+                   f"{tmp_path / 'style.safetensors'}:0.5", "-o", out["two"]) == 0
+    plain, zero, one, two = (np.asarray(Image.open(out[k]), int) for k in ("plain", "zero", "one", "two"))
+    np.testing.assert_array_equal(zero, plain)
+    assert np.abs(one - plain).mean() > 1 and np.abs(two - one).max() <= 2  # 0.5 + 0.5 = 1
+    assert media.read_metadata(out["one"])["loras"] == [[str(tmp_path / "style.safetensors"), 1.0]]
+    assert run_cli(*common, "--lora", str(tmp_path / "missing.safetensors")) == 2
+    assert "--lora" in capsys.readouterr().err.splitlines()[-1]

@@ -46,7 +46,12 @@ def blocks(language, text=None):
 
 
 def test_every_python_block_runs(tmp_path, monkeypatch):
+    from conftest import embedded_controlnet, embedded_lora
+
     monkeypatch.chdir(tmp_path)
+    embedded_controlnet("path/to/SD3-Controlnet-Canny")  # a random ControlNet shaped for the embedded model
+    embedded_lora("path/to/style.safetensors")
+    embedded_lora("path/to/detail.safetensors", seed=1)
     code = blocks("python")
     assert len(code) >= 4
     namespace = {}

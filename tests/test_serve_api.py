@@ -142,7 +142,7 @@ def test_image_tasks_and_a_size_other_than_the_native_one(client):
             "inpaint": submit(client, task="inpaint", image=image, mask=half, seed=3, num_steps=4),
             "small": submit(client, width=48, height=32, seed=5)}
     done = {name: wait(client, job_id) for name, job_id in jobs.items()}
-    assert all(job["state"] == "done" for job in done.values()), done
+    assert all(job["state"] == "done" for job in done.values()), {k: v["error"] for k, v in done.items()}
     assert done["image-to-image"]["parameters"]["strength"] == 0.8
     assert (done["inpaint"]["parameters"]["width"], done["inpaint"]["parameters"]["height"]) == (64, 48)
     assert done["inpaint"]["progress"] == {"step": 3, "total": 3}  # strength 0.6 of 4 steps: from step 1

@@ -143,17 +143,78 @@ class StableDiffusion3Backbone(keras.Model):
             "name": self.name,
         }
 
+    def load_lora(self, path, scale=1.0, name=None):
+        """Attaches a LoRA `.safetensors` file (diffusers / PEFT or kohya format) as a named adapter.
+
+        The base kernels are untouched (`unload_lora` gives the exact base outputs back; `fuse_loras`
+        merges); several LoRAs can be loaded at once; tasks built before see it.
+
+        Args:
+            path: the file.
+            scale: strength (`output += scale * alpha / rank * (x @ A) @ B`).
+            name: the adapter's name (default: the file name without extension).
+
+        Returns:
+            The adapter's name.
+
+        Raises:
+            keras_sd3.lora.LoraError: a key that maps to no layer, or a shape mismatch (the message
+                names the key); the model is then left exactly as it was.
+        """
+        from keras_sd3.lora import adapters
+
+        return adapters.load(self, path, scale, name)
+
+    def set_lora_scale(self, name, scale):
+        """Changes a loaded LoRA's strength (a variable read at run time: no reload, no recompilation)."""
+        from keras_sd3.lora import adapters
+
+        adapters.set_scale(self, name, scale)
+
+    def unload_lora(self, name):
+        """Removes a loaded LoRA; outputs are bit-identical to the model's without it."""
+        from keras_sd3.lora import adapters
+
+        adapters.unload(self, name)
+
+    def fuse_loras(self):
+        """Merges every loaded LoRA (at its current scale) into the base kernels and drops the adapters."""
+        from keras_sd3.lora import adapters
+
+        adapters.fuse(self)
+
+    def save_lora(self, path, name=None):
+        """Writes a LoRA in the diffusers format (`pipeline.load_lora_weights(path)` reads it).
+
+        `name`: a loaded adapter; None saves the adapters trained after `training.trainer.enable_lora`.
+        """
+        from keras_sd3.lora import adapters
+
+        adapters.save(self, path, name)
+
+    @property
+    def lora_names(self):
+        """Names of the loaded LoRAs."""
+        from keras_sd3.lora import adapters
+
+        return adapters.names(self)
+
     def call(self, inputs):
         """Velocity for `{"latents", "context", "pooled", "timestep"}` (all batched)."""
         return self.diffuser(inputs["latents"], inputs["context"], inputs["pooled"], inputs["timestep"])
 
-    def predict_velocity(self, latents, context, pooled, sigma, skip_layers=()):
-        """MMDiT velocity (float32) at noise level `sigma` (a scalar) for a batch of latents."""
+    def predict_velocity(self, latents, context, pooled, sigma, skip_layers=(), control=None):
+        """MMDiT velocity (float32) at noise level `sigma` (a scalar) for a batch of latents.
+
+        `control`: None, or `control(latents, context, pooled, timestep)` -> the ControlNet residuals
+        added to the MMDiT's image tokens (inputs in the compute dtype; see `tasks.controlnet`).
+        """
         timestep = ops.broadcast_to(sampling.sigma_to_timestep(sigma), ops.shape(latents)[:1])
         dtype = self.compute_dtype
-        velocity = self.diffuser(
-            ops.cast(latents, dtype), ops.cast(context, dtype), ops.cast(pooled, dtype), timestep, skip_layers=skip_layers
-        )
+        latents, context, pooled = (ops.cast(x, dtype) for x in (latents, context, pooled))
+        residuals = None if control is None else control(latents, context, pooled, timestep)
+        velocity = self.diffuser(latents, context, pooled, timestep, skip_layers=skip_layers,
+                                 controlnet_residuals=residuals)
         return ops.cast(velocity, "float32")
 
     def encode_text(self, token_ids, clip_skip=None):
@@ -198,7 +259,8 @@ class StableDiffusion3Backbone(keras.Model):
         """Latents noised to the level before `step` of `num_steps` (image-to-image start)."""
         return sampling.add_noise(latents, noises, sampling.sigma(step, num_steps))
 
-    def denoise_step(self, latents, embeddings, step, num_steps, guidance_scale=None, skip_layer_guidance=None):
+    def denoise_step(self, latents, embeddings, step, num_steps, guidance_scale=None, skip_layer_guidance=None,
+                     control=None):
         """One Euler step from `step` to `step + 1` of `num_steps`.
 
         Args:
@@ -208,6 +270,8 @@ class StableDiffusion3Backbone(keras.Model):
             guidance_scale: None for no classifier-free guidance (only the positive pair is used),
                 else a float or scalar tensor `g` giving `v = v_neg + g * (v_pos - v_neg)`.
             skip_layer_guidance: None or a `sampling.SkipLayerGuidance` (used with guidance only).
+            control: None or ControlNet conditioning, as `predict_velocity`'s (not used by skip-layer
+                guidance's extra pass).
 
         Returns:
             float32 latents after the step.
@@ -216,13 +280,14 @@ class StableDiffusion3Backbone(keras.Model):
         sigma_now = sampling.sigma(step, num_steps)
         sigma_next = sampling.sigma(ops.add(step, 1), num_steps)
         if guidance_scale is None:
-            velocity = self.predict_velocity(latents, positive, positive_pooled, sigma_now)
+            velocity = self.predict_velocity(latents, positive, positive_pooled, sigma_now, control=control)
         else:
             velocity = self.predict_velocity(
                 ops.concatenate([latents, latents], axis=0),
                 ops.concatenate([positive, negative], axis=0),
                 ops.concatenate([positive_pooled, negative_pooled], axis=0),
                 sigma_now,
+                control=control,
             )
             v_positive, v_negative = ops.split(velocity, 2, axis=0)
             velocity = sampling.classifier_free_guidance(v_positive, v_negative, guidance_scale)

@@ -12,10 +12,16 @@ from keras_sd3.backend import attention, linear
 
 
 class Linear(keras.layers.Dense):
-    """A `keras.layers.Dense` (same variables) whose product goes through `keras_sd3.backend.linear`."""
+    """A `keras.layers.Dense` (same variables) whose product goes through `keras_sd3.backend.linear`.
+
+    LoRA adapters attached by `keras_sd3.lora` (`backbone.load_lora`) each add their low-rank product.
+    """
 
     def call(self, inputs):
-        return linear(inputs, self.kernel, self.bias)
+        out = linear(inputs, self.kernel, self.bias)
+        for adapter in getattr(self, "_lora_adapters", {}).values():
+            out = out + adapter(inputs)
+        return out
 
 
 def dense(units, in_dim, dtype, use_bias=True):

@@ -41,6 +41,11 @@ def sincos_position_table(dim, size, base_size):
     return table[None].astype(np.float32)
 
 
+def controlnet_residual_index(index, num_blocks, num_residuals):
+    """Which ControlNet output block `index` of `num_blocks` receives (diffusers: `int(i / (n / r))`)."""
+    return int(index / (num_blocks / num_residuals))
+
+
 class PatchEmbed(keras.layers.Layer):
     """Patchify (2x2 conv) plus the centre crop of the stored P x P position table."""
 
@@ -101,10 +106,11 @@ class JointBlock(keras.layers.Layer):
     (MMDiT-X) adds `attn2`, an image-only attention on the same normed input with its own modulation.
     """
 
-    def __init__(self, config, index, **kwargs):
+    def __init__(self, config, index, context_pre_only=None, **kwargs):
         super().__init__(**kwargs)
         dim, policy = config.hidden_size, self.dtype_policy
-        self.is_last = index == config.num_layers - 1
+        # ControlNets update the context in every block (`context_pre_only=False`).
+        self.is_last = index == config.num_layers - 1 if context_pre_only is None else context_pre_only
         self.is_dual = index in config.dual_attention_layers
         heads = (config.num_attention_heads, config.attention_head_dim, config.qk_norm)
         self.norm1 = Modulation(dim, 9 if self.is_dual else 6, dtype=policy)
@@ -151,6 +157,8 @@ class MMDiT(keras.layers.Layer):
         pooled: (B, pooled_projection_dim) pooled text embedding.
         timestep: (B,) timesteps, `1000 * sigma`.
         skip_layers: indices of blocks to skip (skip-layer guidance).
+        controlnet_residuals: None, or a list of (B, N, D) ControlNet outputs, added to the image tokens
+            after every block but the last (`controlnet_residual_index` picks which one, as diffusers).
 
     Returns:
         (B, H, W, out_channels) velocity, in the compute dtype.
@@ -168,7 +176,7 @@ class MMDiT(keras.layers.Layer):
         self.proj_out = dense(config.patch_size**2 * config.out_channels, dim, policy)
         self.built = True
 
-    def call(self, latents, context, pooled, timestep, skip_layers=()):
+    def call(self, latents, context, pooled, timestep, skip_layers=(), controlnet_residuals=None):
         _, height, width, _ = ops.shape(latents)
         p, limit = self.config.patch_size, self.config.pos_embed_max_size
         if height % p or width % p or height // p > limit or width // p > limit:
@@ -182,6 +190,9 @@ class MMDiT(keras.layers.Layer):
         for index, block in enumerate(self.transformer_blocks):
             if index not in skip_layers:
                 x, context = block(x, context, temb)
+            if controlnet_residuals and not block.is_last:
+                x = x + controlnet_residuals[controlnet_residual_index(index, len(self.transformer_blocks),
+                                                                      len(controlnet_residuals))]
         scale, shift = self.norm_out(temb)
         x = self.proj_out(modulate(layer_norm(x), shift, scale))  # (B, N, p * p * C), ordered (p, q, c)
         x = ops.reshape(x, (-1, height // p, width // p, p, p, self.config.out_channels))

@@ -7,6 +7,13 @@
 `app.create_app` is the API (/api/v1) and the page (static/). Needs `pip install keras_sd3[serve]`.
 """
 
-from keras_sd3.serve.app import create_app
-
 __all__ = ["create_app"]
+
+
+def __getattr__(name):
+    """`create_app` is imported on first use, so that `keras-sd3 serve` can say when fastapi is missing."""
+    if name == "create_app":
+        from keras_sd3.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'keras_sd3.serve' has no attribute {name!r}")

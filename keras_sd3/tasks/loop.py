@@ -64,8 +64,11 @@ class CompiledSteps:
 
     def __init__(self, backbone):
         self.backbone, self.traces, self._programs = backbone, 0, {}
+        self._lora_version = getattr(backbone, "lora_version", 0)
 
     def _program(self, key, function):
+        if getattr(self.backbone, "lora_version", 0) != self._lora_version:  # LoRAs added or removed since
+            self._programs, self._lora_version = {}, self.backbone.lora_version
         if key not in self._programs:
 
             def counted(*args):

@@ -125,18 +125,22 @@ class GenerationTask:
         noise, image_latents, mask = inpaint if inpaint is not None else (latents, latents, zeros)
         options = dict(use_cfg=guidance_scale > 1.0, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance)
         args = (noise, image_latents, mask)
+        return self.run_program(self.compiled, latents, (embeddings, *args), start, num_steps, guidance_scale, output,
+                                callback, progress, **options)
+
+    def run_program(self, program, latents, inputs, start, num_steps, guidance_scale, output, callback, progress,
+                    **options):
+        """Runs a compiled loop `program(latents, *inputs, start, stop, num_steps, guidance, decode=, **options)`
+        over steps `start .. num_steps - 1`: in one call, or a step at a time for a callback / progress bar.
+        Returns uint8 images or float32 latents (`output`)."""
         guidance, total = scalar(guidance_scale, "float32"), scalar(num_steps, "int32")
         if callback is None and not progress:
-            latents, decoded = self.compiled(
-                latents, embeddings, *args, scalar(start, "int32"), total, total, guidance,
-                decode=output == "images", **options,
-            )
+            latents, decoded = program(latents, *inputs, scalar(start, "int32"), total, total, guidance,
+                                       decode=output == "images", **options)
         else:
             for step in range(start, num_steps):
-                latents, _ = self.compiled(
-                    latents, embeddings, *args, scalar(step, "int32"), scalar(step + 1, "int32"), total, guidance,
-                    decode=False, **options,
-                )
+                latents, _ = program(latents, *inputs, scalar(step, "int32"), scalar(step + 1, "int32"), total,
+                                     guidance, decode=False, **options)
                 if callback is not None:
                     callback(step, num_steps, ops.convert_to_numpy(latents))
                 if progress:

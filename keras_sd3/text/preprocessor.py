@@ -32,13 +32,20 @@ class StableDiffusion3TextToImagePreprocessor:
 
     @classmethod
     def from_preset(cls, source, max_sequence_length=256):
-        """Loads `tokenizer/`, `tokenizer_2/` and, if present, `tokenizer_3/` of a diffusers folder.
+        """Loads `tokenizer/`, `tokenizer_2/` and, if present, `tokenizer_3/` of a diffusers folder, or
+        the CLIP tokenizer assets of a KerasHub preset folder.
 
         Args:
             source: a diffusers-format folder or a preset name.
             max_sequence_length: T5 length (diffusers' default 256, at most 512).
         """
         source, _ = presets.resolve(source)
+        from keras_sd3.weights import kerashub
+
+        if os.path.isdir(source) and kerashub.is_kerashub_folder(source):
+            clip = {name: CLIPTokenizer(vocab, merges, pad_token=pad)
+                    for name, (vocab, merges, pad) in kerashub.tokenizer_assets(source).items()}
+            return cls(clip["clip_l"], clip["clip_g"])
         if not os.path.isdir(source):
             raise ValueError(
                 f"{source!r} is not a diffusers folder: single-file checkpoints carry no tokenizer files; "

@@ -135,12 +135,38 @@ def _open_single_file(path):
     return checkpoint
 
 
+def _open_kerashub(folder):
+    """A KerasHub preset folder: its tensors renamed to the single-file names, then as a single file."""
+    from keras_sd3.weights import kerashub
+
+    config = kerashub.read_config(folder)
+    if config.get("t5") is not None:
+        raise CheckpointError(f"The KerasHub preset {folder} has a T5 encoder, which keras_sd3 cannot read yet.")
+    tensors = kerashub.open_tensors(folder, config)
+    mmdit, vae = tensors.subset(MMDIT_PREFIX), tensors.subset(VAE_PREFIX)
+    mmdit_config, vae_config, clips = kerashub.configure(
+        config, original_keys.infer_mmdit_config(mmdit), original_keys.infer_vae_config(vae),
+        {name: original_keys.infer_clip_config(tensors.subset(TEXT_PREFIXES[name]), "gelu", f"{name} in {folder}")
+         for name in ("clip_l", "clip_g")})
+    mmdit = original_keys.rename(mmdit, original_keys.mmdit_rules(mmdit_config.num_layers - 1), f"MMDiT in {folder}")
+    vae = original_keys.rename(vae, original_keys.vae_rules(len(vae_config.block_out_channels)), f"VAE in {folder}")
+    checkpoint = Checkpoint(folder, Part(mmdit_config, mmdit), Part(vae_config, vae))
+    for name, clip_config in clips.items():
+        setattr(checkpoint, name, Part(clip_config, tensors.subset(TEXT_PREFIXES[name])))
+    return checkpoint
+
+
 def open_checkpoint(source):
-    """Opens a diffusers-format folder, an original single-file `.safetensors` checkpoint or a preset.
+    """Opens a diffusers-format folder, an original single-file `.safetensors` checkpoint, a KerasHub
+    preset folder (`config.json` + `model.weights.h5`) or a preset name.
 
     Raises:
         CheckpointError: the source does not exist or is not an SD3 / SD3.5 checkpoint
             (`presets.PresetError` for a preset that is not available).
     """
     source, _ = presets.resolve(source)
-    return _open_folder(source) if os.path.isdir(source) else _open_single_file(source)
+    if not os.path.isdir(source):
+        return _open_single_file(source)
+    from keras_sd3.weights.kerashub import is_kerashub_folder
+
+    return _open_kerashub(source) if is_kerashub_folder(source) else _open_folder(source)
