@@ -80,7 +80,8 @@ def controlnet_residuals(nets, control_latents, weights, patch_embed):
             net_pooled = ops.zeros_like(pooled) if net.config.force_zeros_for_pooled_projection else pooled
             cond = ops.cast(control_latents[i], latents.dtype)
             weight = ops.cast(weights[i], latents.dtype)
-            residuals = [r * weight for r in net(latents, cond, context, net_pooled, timestep, patch_embed=patch_embed)]
+            outputs = net(latents, cond, context, net_pooled, timestep, patch_embed=patch_embed)
+            residuals = [ops.cast(r, latents.dtype) * weight for r in outputs]  # a float32 net beside a bfloat16 MMDiT
             total = residuals if total is None else [a + b for a, b in zip(total, residuals)]
         return total
 
