@@ -244,17 +244,15 @@ def check_size(args):
 
 def read_picture(path, size, mode):
     """A picture as a float array: RGB in [-1, 1] or a mask in {0, 1}, resized to `size` (H, W) if needed."""
-    import numpy as np
     from PIL import Image
 
-    from keras_sd3.tasks.task import from_uint8
+    from keras_sd3.tasks.task import picture_array
 
     with Image.open(path) as picture:
         picture = picture.convert(mode)
         if picture.size != (size[1], size[0]):
             picture = picture.resize((size[1], size[0]), Image.BICUBIC if mode == "RGB" else Image.NEAREST)
-        array = np.asarray(picture, np.float32)
-    return from_uint8(array) if mode == "RGB" else (array >= 128).astype(np.float32)
+        return picture_array(picture, mode)
 
 
 def load_task(args, size):

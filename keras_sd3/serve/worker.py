@@ -15,7 +15,7 @@ from PIL import Image
 from keras_sd3 import backend_name, media
 from keras_sd3.models import StableDiffusion3ImageToImage, StableDiffusion3Inpaint, StableDiffusion3TextToImage
 from keras_sd3.tasks.image_to_image import start_step
-from keras_sd3.tasks.task import from_uint8
+from keras_sd3.tasks.task import picture_array
 
 TASK_CLASSES = {"text-to-image": StableDiffusion3TextToImage, "image-to-image": StableDiffusion3ImageToImage,
                 "inpaint": StableDiffusion3Inpaint}
@@ -88,8 +88,7 @@ class Stopping(Exception):
 def read_png(data, mode):
     """PNG bytes -> float32 RGB in [-1, 1] (`mode` "RGB") or a {0, 1} mask ("L": white = repaint)."""
     with Image.open(io.BytesIO(data)) as picture:
-        array = np.asarray(picture.convert(mode), np.float32)
-    return from_uint8(array) if mode == "RGB" else (array >= 128).astype(np.float32)
+        return picture_array(picture, mode)
 
 
 def batch_inputs(task, jobs):

@@ -10,10 +10,10 @@ import numpy as np
 from keras import ops
 
 from keras_sd3 import presets
-from keras_sd3.backend import compile_function
 from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.models.controlnet import SD3ControlNet
 from keras_sd3.tasks.inputs import batch_images, check_num_steps
+from keras_sd3.tasks.loop import CompiledSteps
 from keras_sd3.tasks.task import GenerationTask
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
 
@@ -109,25 +109,16 @@ def control_steps(backbone, nets, latents, embeddings, control_latents, scales, 
     return latents, (backbone.decode_step(latents) if decode else None)
 
 
-class ControlNetSteps:
+class ControlNetSteps(CompiledSteps):
     """`control_steps` compiled once per (guidance on / off, decode) with the backbone's and the nets' variables."""
 
     def __init__(self, backbone, nets):
-        self.backbone, self.nets, self.traces, self._programs = backbone, nets, 0, {}
-        self._lora_version = getattr(backbone, "lora_version", 0)
+        super().__init__(backbone, _Variables(backbone, *nets))
+        self.nets = nets
 
     def __call__(self, *args, use_cfg, decode):
-        if getattr(self.backbone, "lora_version", 0) != self._lora_version:  # LoRAs added or removed since
-            self._programs, self._lora_version = {}, self.backbone.lora_version
-        key = (use_cfg, decode)
-        if key not in self._programs:
-
-            def counted(*a):
-                self.traces += 1
-                return control_steps(self.backbone, self.nets, *a, use_cfg=use_cfg, decode=decode)
-
-            self._programs[key] = compile_function(_Variables(self.backbone, *self.nets), counted)
-        return self._programs[key](*args)
+        program = lambda *a: control_steps(self.backbone, self.nets, *a, use_cfg=use_cfg, decode=decode)  # noqa: E731
+        return self._program((use_cfg, decode), program)(*args)
 
 
 def check_compatible(backbone, nets):

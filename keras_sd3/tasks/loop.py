@@ -62,8 +62,10 @@ class CompiledSteps:
     (the test of "compiled once").
     """
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, variables=None):
+        """`variables`: the object whose variables the programs read (default: the backbone's)."""
         self.backbone, self.traces, self._programs = backbone, 0, {}
+        self._variables = variables or backbone
         self._lora_version = getattr(backbone, "lora_version", 0)
 
     def _program(self, key, function):
@@ -75,7 +77,7 @@ class CompiledSteps:
                 self.traces += 1
                 return function(*args)
 
-            self._programs[key] = compile_function(self.backbone, counted)
+            self._programs[key] = compile_function(self._variables, counted)
         return self._programs[key]
 
     def __call__(self, *args, **options):

@@ -24,6 +24,12 @@ def from_uint8(images):
     return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
+def picture_array(picture, mode):
+    """A PIL picture -> float32 RGB in [-1, 1] (`mode` "RGB") or a {0, 1} mask ("L": >= 128 = repaint)."""
+    array = np.asarray(picture.convert(mode), np.float32)
+    return from_uint8(array) if mode == "RGB" else (array >= 128).astype(np.float32)
+
+
 def progress_bar(done, total, stream=None, width=30):
     """A one-line text progress bar, redrawn in place (on stderr by default)."""
     stream = stream or sys.stderr
