@@ -1,7 +1,7 @@
 """The T5 v1.1 encoder of SD3 (T5-XXL), named like transformers' `T5EncoderModel` state dict.
 
 Pre-RMSNorm blocks (variance in float32), attention without 1/sqrt(d) scaling plus a relative position
-bias computed once from block 0's table, gated tanh-GELU feed-forward.
+bias computed once from block 0's table, gated GELU feed-forward (tanh approximation, as T5 v1.1).
 """
 
 import dataclasses
@@ -14,6 +14,9 @@ from keras import ops
 from keras_sd3.backend import attention
 from keras_sd3.models.clip import Embedding
 from keras_sd3.models.layers import RMSNorm, dense
+
+
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +33,13 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
+    dense_act_fn: str = "gelu_new"  # the tanh GELU of T5 v1.1; "gelu" (exact) for KerasHub's T5 encoder
 
     def __post_init__(self):
         if self.feed_forward_proj != "gated-gelu":
             raise ValueError(f"Only gated-gelu T5 (v1.1, as in SD3) is supported, got {self.feed_forward_proj!r}.")
+        if self.dense_act_fn not in TANH_GELU + ("gelu",):
+            raise ValueError(f"T5 dense_act_fn must be one of {TANH_GELU + ('gelu',)}, got {self.dense_act_fn!r}.")
 
     @classmethod
     def from_transformers(cls, config):
@@ -102,17 +108,18 @@ class T5SelfAttentionLayer(keras.layers.Layer):
 
 
 class T5GatedFeedForward(keras.layers.Layer):
-    """`wo(gelu_tanh(wi_0 x) * wi_1 x)`."""
+    """`wo(gelu(wi_0 x) * wi_1 x)`, the tanh GELU unless `dense_act_fn` is "gelu"."""
 
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
         policy = self.dtype_policy
         self.wi_0, self.wi_1 = (dense(config.d_ff, config.d_model, policy, use_bias=False) for _ in range(2))
         self.wo = dense(config.d_model, config.d_ff, policy, use_bias=False)
+        self.approximate = config.dense_act_fn in TANH_GELU
         self.built = True
 
     def call(self, x):
-        return self.wo(ops.gelu(self.wi_0(x), approximate=True) * self.wi_1(x))
+        return self.wo(ops.gelu(self.wi_0(x), approximate=self.approximate) * self.wi_1(x))
 
 
 class T5FeedForwardLayer(keras.layers.Layer):

@@ -33,7 +33,8 @@ class StableDiffusion3TextToImagePreprocessor:
     @classmethod
     def from_preset(cls, source, max_sequence_length=256):
         """Loads `tokenizer/`, `tokenizer_2/` and, if present, `tokenizer_3/` of a diffusers folder, or
-        the CLIP tokenizer assets of a KerasHub preset folder.
+        the tokenizer assets of a KerasHub preset folder (its T5 length is the preset's, not
+        `max_sequence_length`).
 
         Args:
             source: a diffusers-format folder or a preset name.
@@ -45,7 +46,8 @@ class StableDiffusion3TextToImagePreprocessor:
         if os.path.isdir(source) and kerashub.is_kerashub_folder(source):
             clip = {name: CLIPTokenizer(vocab, merges, pad_token=pad)
                     for name, (vocab, merges, pad) in kerashub.tokenizer_assets(source).items()}
-            return cls(clip["clip_l"], clip["clip_g"])
+            t5 = kerashub.t5_tokenizer_asset(source)
+            return cls(clip["clip_l"], clip["clip_g"], t5 and T5Tokenizer.from_sentencepiece(*t5))
         if not os.path.isdir(source):
             raise ValueError(
                 f"{source!r} is not a diffusers folder: single-file checkpoints carry no tokenizer files; "

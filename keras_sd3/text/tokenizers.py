@@ -142,19 +142,24 @@ class T5Tokenizer:
     def from_folder(cls, folder, sequence_length=256):
         """Loads `tokenizer.json` if present (what `T5TokenizerFast` uses), else `spiece.model`."""
         json_path, spm_path = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "spiece.model")
-        if os.path.isfile(json_path):
-            tokenizer = Tokenizer.from_file(json_path)
-            encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-            eos_id, pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
-        elif os.path.isfile(spm_path):
-            import sentencepiece
-
-            processor = sentencepiece.SentencePieceProcessor(model_file=spm_path)
-            encode = lambda texts: processor.encode(list(texts))
-            eos_id, pad_id = processor.eos_id(), processor.pad_id()
-        else:
+        if not os.path.isfile(json_path):
+            if os.path.isfile(spm_path):
+                return cls.from_sentencepiece(spm_path, sequence_length)
             raise FileNotFoundError(f"{folder} has no T5 tokenizer: expected tokenizer.json or spiece.model.")
+        tokenizer = Tokenizer.from_file(json_path)
+        encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+        eos_id, pad_id = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
         return cls(encode, eos_id=eos_id, pad_id=max(pad_id, 0), sequence_length=sequence_length)
+
+    @classmethod
+    def from_sentencepiece(cls, path, sequence_length=256):
+        """Loads a SentencePiece model file (`spiece.model`, KerasHub's `vocabulary.spm`)."""
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        encode = lambda texts: processor.encode(list(texts))  # noqa: E731
+        return cls(encode, eos_id=processor.eos_id(), pad_id=max(processor.pad_id(), 0),
+                   sequence_length=sequence_length)
 
     def tokenize(self, texts):
         """list of str -> ((B, sequence_length) int32 ids, the number of tokens cut from each text)."""

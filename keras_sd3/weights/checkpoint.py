@@ -140,19 +140,21 @@ def _open_kerashub(folder):
     from keras_sd3.weights import kerashub
 
     config = kerashub.read_config(folder)
-    if config.get("t5") is not None:
-        raise CheckpointError(f"The KerasHub preset {folder} has a T5 encoder, which keras_sd3 cannot read yet.")
     tensors = kerashub.open_tensors(folder, config)
     mmdit, vae = tensors.subset(MMDIT_PREFIX), tensors.subset(VAE_PREFIX)
-    mmdit_config, vae_config, clips = kerashub.configure(
+    texts = {name: tensors.subset(TEXT_PREFIXES[name]) for name in ("clip_l", "clip_g", "t5")}
+    if config.get("t5") is None:
+        del texts["t5"]
+    mmdit_config, vae_config, encoders = kerashub.configure(
         config, original_keys.infer_mmdit_config(mmdit), original_keys.infer_vae_config(vae),
-        {name: original_keys.infer_clip_config(tensors.subset(TEXT_PREFIXES[name]), "gelu", f"{name} in {folder}")
-         for name in ("clip_l", "clip_g")})
+        {name: original_keys.infer_clip_config(texts[name], "gelu", f"{name} in {folder}")
+         for name in ("clip_l", "clip_g")},
+        original_keys.infer_t5_config(texts["t5"], f"t5 in {folder}") if "t5" in texts else None)
     mmdit = original_keys.rename(mmdit, original_keys.mmdit_rules(mmdit_config.num_layers - 1), f"MMDiT in {folder}")
     vae = original_keys.rename(vae, original_keys.vae_rules(len(vae_config.block_out_channels)), f"VAE in {folder}")
     checkpoint = Checkpoint(folder, Part(mmdit_config, mmdit), Part(vae_config, vae))
-    for name, clip_config in clips.items():
-        setattr(checkpoint, name, Part(clip_config, tensors.subset(TEXT_PREFIXES[name])))
+    for name, encoder_config in encoders.items():
+        setattr(checkpoint, name, Part(encoder_config, texts[name]))
     return checkpoint
 
 

@@ -5,7 +5,7 @@ A preset folder holds `config.json` (the backbone's Keras config), `model.weight
 (`assets/clip_l_tokenizer/vocabulary.json` + `merges.txt`, ...). The `.weights.h5` variables are named
 by Keras' saving walk (`layers/mm_di_t/layers/mm_di_t_block_3/x_block/attention_qkv/vars/0`); the
 table below maps them to the original SD3 checkpoint names (`model.diffusion_model.*`,
-`first_stage_model.*`) and to transformers' CLIP names, in PyTorch layout, so that the rest of the
+`first_stage_model.*`) and to transformers' CLIP and T5 names, in PyTorch layout, so that the rest of the
 loading is the single-file path's (`original_keys`). Tensors are read lazily, one at a time.
 """
 
@@ -22,7 +22,10 @@ from keras_sd3.weights.safetensors_file import TensorSource
 CONFIG_FILE, WEIGHTS_FILE, SHARDS_FILE = "config.json", "model.weights.h5", "model.weights.json"
 BACKBONE_CLASS = "StableDiffusion3Backbone"
 MMDIT_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
-CLIP_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer."}
+TEXT_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                 "t5": "text_encoders.t5xxl.transformer."}
+# KerasHub's activation names -> transformers' T5 `dense_act_fn`.
+T5_ACTIVATIONS = {"gelu": "gelu", "keras_hub>gelu_approximate": "gelu_new"}
 
 
 def is_kerashub_folder(path):
@@ -99,6 +102,18 @@ _CLIP_LAYER = (
     ("layer_norm_1", "layer_norm1", "norm"), ("layer_norm_2", "layer_norm2", "norm"),
     ("dense_1", "mlp.fc1", "dense"), ("dense_2", "mlp.fc2", "dense"),
 )
+_T5_LAYER = (
+    ("self_attention/query_projector", "layer.0.SelfAttention.q", "dense"),
+    ("self_attention/key_projector", "layer.0.SelfAttention.k", "dense"),
+    ("self_attention/value_projector", "layer.0.SelfAttention.v", "dense"),
+    ("self_attention/output_projector", "layer.0.SelfAttention.o", "dense"),
+    ("self_attention", "layer.0.SelfAttention.relative_attention_bias", "embedding"),  # (buckets, heads)
+    ("self_attention_layer_norm", "layer.0.layer_norm", "norm"),
+    ("input_projector", "layer.1.DenseReluDense.wi_0", "dense"),  # the activated half of the gated GELU
+    ("gate_projector", "layer.1.DenseReluDense.wi_1", "dense"),
+    ("output_projector", "layer.1.DenseReluDense.wo", "dense"),
+    ("layer_norm", "layer.1.layer_norm", "norm"),
+)
 
 
 def _running_index(blocks_per_level):
@@ -152,17 +167,23 @@ def key_table(config):
         for source, target, kind in _VAE_ATTENTION:
             rules.append((base + f"mid_attention/{source}", f"{VAE_PREFIX}{part}.mid.attn_1.{target}", kind))
     for name, suffix in (("clip_l", ""), ("clip_g", "_1")):
-        prefix, base = CLIP_PREFIXES[name] + "text_model.", f"layers/clip_text_encoder{suffix}/layers/"
+        prefix, base = TEXT_PREFIXES[name] + "text_model.", f"layers/clip_text_encoder{suffix}/layers/"
         rules += [
             (base + "token_and_position_embedding/token_embedding", prefix + "embeddings.token_embedding", "embedding"),
             (base + "token_and_position_embedding/position_embedding", prefix + "embeddings.position_embedding",
              "embedding"),
             (base + "layer_normalization", prefix + "final_layer_norm", "norm"),
-            (f"layers/clip_projection{suffix}/dense", CLIP_PREFIXES[name] + "text_projection", "dense"),
+            (f"layers/clip_projection{suffix}/dense", TEXT_PREFIXES[name] + "text_projection", "dense"),
         ]
         for source, target, kind in _CLIP_LAYER:
             rules.append((base + rf"clip_encoder_layer{_N}/{source}",
                           lambda m, p=prefix, t=target: f"{p}encoder.layers.{num(m)}.{t}", kind))
+    t5, base = TEXT_PREFIXES["t5"], "layers/t5_encoder/layers/"
+    rules += [(base + "reversible_embedding", t5 + "shared", "embedding"),
+              (base + "t5_layer_norm", t5 + "encoder.final_layer_norm", "norm")]
+    for source, target, kind in _T5_LAYER:
+        rules.append((base + rf"t5_transformer_layer{_N}/{source}",
+                      lambda m, t=target: f"{t5}encoder.block.{num(m)}.{t}", kind))
     return [(re.compile(pattern + r"/vars/(\d+)$"), target, kind) for pattern, target, kind in rules]
 
 
@@ -189,8 +210,9 @@ def _weight_files(folder):
     if os.path.isfile(index):
         try:
             with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+                values = json.load(f)["weight_map"].values()  # a file name, or a list when a layer spans files
+            shards = sorted({name for v in values for name in ([v] if isinstance(v, str) else v)})
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid Keras sharded-weights index ({e!r}).") from None
         return [os.path.join(folder, shard if shard.endswith(".h5") else shard + ".weights.h5") for shard in shards]
     if os.path.isfile(single):
@@ -247,12 +269,19 @@ def open_tensors(folder, config):
         raise CheckpointError(
             f"The KerasHub preset {folder} has {len(unmatched)} variable(s) keras_sd3 does not know: "
             + ", ".join(f"'{k}'" for k in sorted(unmatched)[:5]) + more
-            + ". Is it a keras-hub StableDiffusion3Backbone preset (T5 is not supported)?")
+            + ". Is it a keras-hub StableDiffusion3Backbone preset?")
     return TensorSource(shapes, readers)
 
 
-def configure(config, mmdit_config, vae_config, clip_configs):
-    """The configs inferred from the tensors, completed with `config.json`'s own values."""
+def configure(config, mmdit_config, vae_config, clip_configs, t5_config=None):
+    """The configs inferred from the tensors, completed with `config.json`'s own values.
+
+    Returns:
+        `(mmdit_config, vae_config, {"clip_l": ..., "clip_g": ...[, "t5": ...]})`.
+
+    Raises:
+        CheckpointError: a T5 encoder that is not a gated-GELU T5 v1.1.
+    """
     vae = config["vae"]["config"]
     heads = config["mmdit_num_heads"]
     mmdit_config = dataclasses.replace(
@@ -266,11 +295,22 @@ def configure(config, mmdit_config, vae_config, clip_configs):
         encoders[name] = dataclasses.replace(
             clip_config, num_attention_heads=encoder["num_heads"], hidden_act=encoder["intermediate_activation"],
             eos_token_id=2)
+    if t5_config is not None:
+        encoders["t5"] = _configure_t5(config["t5"]["config"], t5_config)
     return mmdit_config, vae_config, encoders
 
 
+def _configure_t5(encoder, t5_config):
+    activation = T5_ACTIVATIONS.get(encoder["activation"])
+    if activation is None or not encoder["use_gated_activation"]:
+        raise CheckpointError(
+            f"The KerasHub T5 encoder has activation {encoder['activation']!r} (gated: "
+            f"{encoder['use_gated_activation']}); keras_sd3 reads gated {' or '.join(map(repr, T5_ACTIVATIONS))}.")
+    return dataclasses.replace(t5_config, dense_act_fn=activation, layer_norm_epsilon=encoder["layer_norm_epsilon"])
+
+
 def tokenizer_assets(folder):
-    """`{"clip_l": (vocab dict, merges list, pad token), "clip_g": ...}` from the preset's assets."""
+    """`{"clip_l": (vocab dict, merges list, pad token), "clip_g": ...}` from the preset's CLIP assets."""
     found = {}
     for name in ("clip_l", "clip_g"):
         assets = os.path.join(folder, "assets", f"{name}_tokenizer")
@@ -289,3 +329,16 @@ def tokenizer_assets(folder):
         pad = "<|endoftext|>" if pad_with_end else next(t for t, i in vocab.items() if i == 0)
         found[name] = (vocab, [tuple(m.split(" ")) for m in merges], pad)
     return found
+
+
+def t5_tokenizer_asset(folder):
+    """`(SentencePiece model path, sequence length)` of the preset's T5 preprocessor, or None without one."""
+    spm = os.path.join(folder, "assets", "t5_tokenizer", "vocabulary.spm")
+    if not os.path.isfile(spm):
+        return None
+    length = 256  # keras-hub's T5Preprocessor default
+    config_path = os.path.join(folder, "t5_preprocessor.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            length = json.load(f)["config"].get("sequence_length") or length
+    return spm, length
