@@ -77,11 +77,17 @@ def _torch_cpu_has_native(dtype):
 def attention(q, k, v, bias=None, scale=None, is_causal=False):
     """`keras.ops.dot_product_attention` on (B, T, N, H) inputs.
 
-    On jax on CPU, attention without a bias or mask runs one head at a time (below); XLA:CPU has no
+    On jax on a GPU, half-precision attention without a bias is cuDNN's flash attention
+    (`jax.nn.dot_product_attention(..., implementation="cudnn")`) where cuDNN takes it (Ampere or later),
+    else XLA's. On jax on CPU, attention without a bias or mask runs one head at a time (below); XLA:CPU has no
     float16 x float16 -> float32 dot, which jax's attention asks for under `jit`, so there float16
     inputs are upcast to float32 (the softmax runs in float32 anyway).
     """
     dtype = keras.backend.standardize_dtype(q.dtype)
+    if keras.config.backend() == "jax" and not _xla_on_cpu() and bias is None and dtype in ("bfloat16", "float16"):
+        out = _cudnn_attention(q, k, v, scale, is_causal)
+        if out is not None:
+            return out
     if keras.config.backend() == "jax" and _xla_on_cpu():
         if bias is None and not is_causal:
             return ops.cast(_attention_head_by_head(q, k, v, scale), dtype)
@@ -90,6 +96,24 @@ def attention(q, k, v, bias=None, scale=None, is_causal=False):
             bias = None if bias is None else ops.cast(bias, "float32")
     out = ops.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=is_causal)
     return ops.cast(out, dtype)
+
+
+def _cudnn_attention(q, k, v, scale, is_causal):
+    """cuDNN flash attention through jax, or None (one warning) where cuDNN refuses these inputs or this GPU."""
+    import jax
+
+    try:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, implementation="cudnn")
+    except Exception as e:  # raised while tracing: no cuDNN, an older GPU, an unsupported head size
+        _warn_once(f"cuDNN flash attention is not available here ({type(e).__name__}: {e}); using XLA's attention.")
+        return None
+
+
+@functools.cache
+def _warn_once(message):
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
 
 
 def _attention_head_by_head(q, k, v, scale=None):
