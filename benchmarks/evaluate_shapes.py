@@ -1,7 +1,7 @@
 """Scores the embedded `sd3_tiny_shapes` model (and the same architecture untrained) on 48 fixed prompts.
 
     KERAS_BACKEND=torch python benchmarks/evaluate_shapes.py [--count 48] [--steps 20] [--guidance 4]
-        [--grid benchmarks/results/shapes_grid.png]
+        [--sampler euler|heun|dpmpp_2m] [--grid benchmarks/results/shapes_grid.png]
 
 Colour accuracy: shape colour and background colour both right; shape accuracy: circle / square /
 triangle right (keras_sd3.training.evaluate). Results go to BENCHMARKS.md.
@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--sampler", default="euler")
     parser.add_argument("--grid", default=None, help="write the generated images as a PNG grid")
     parser.add_argument("--skip-untrained", action="store_true")
     args = parser.parse_args()
@@ -44,9 +45,9 @@ def main():
     rows = []
     for name, model in [("trained", task)] + ([] if args.skip_untrained else [("untrained", untrained_like(task))]):
         start = time.perf_counter()
-        images, result = evaluate.evaluate(model, args.count, steps, guidance)
+        images, result = evaluate.evaluate(model, args.count, steps, guidance, sampler=args.sampler)
         seconds = time.perf_counter() - start
-        rows.append(dict(model=name, steps=steps, guidance=guidance, count=result["count"],
+        rows.append(dict(model=name, sampler=args.sampler, steps=steps, guidance=guidance, count=result["count"],
                          color_accuracy=result["color_accuracy"], shape_accuracy=result["shape_accuracy"],
                          seconds=round(seconds, 1)))
         print(json.dumps(rows[-1]), flush=True)

@@ -172,6 +172,8 @@ def model_never_loads(monkeypatch):
         (["generate", "x", "--model", "{folder}/nothing"], "neither a diffusers folder, a .safetensors file nor a preset"),
         (["img2img", "x", "--image", "{odd}"], "is 50x50 pixels and sd3_tiny_shapes makes images"),
         (["paint", "x"], "invalid choice: 'paint'"),
+        (["generate", "x", "--sampler", "ddim"], "--sampler: invalid choice: 'ddim'"),
+        (["img2img", "x", "--image", "{image}", "--shift", "0"], "--shift must be a number > 0, got '0'"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_before_loading(args, message, picture, tmp_path, capsys,
@@ -272,3 +274,18 @@ def test_lora_option_loads_each_file_with_its_scale(tmp_path, capsys):
     assert media.read_metadata(out["one"])["loras"] == [[str(tmp_path / "style.safetensors"), 1.0]]
     assert run_cli(*common, "--lora", str(tmp_path / "missing.safetensors")) == 2
     assert "--lora" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_sampler_and_shift_options_give_the_api_image(tmp_path):
+    from keras_sd3 import sampling
+
+    assert cli.SAMPLERS == sampling.SAMPLERS
+    out = str(tmp_path / "dpm.png")
+    assert run_cli("generate", "a red circle on a blue background", "--steps", "4", "--seed", "2",
+                   "--sampler", "dpmpp_2m", "--shift", "2.5", "-o", out) == 0
+    metadata = media.read_metadata(out)
+    assert metadata["sampler"] == "dpmpp_2m" and metadata["shift"] == 2.5
+    task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes")
+    expected = task.generate({"prompts": "a red circle on a blue background", "negative_prompts": ""}, num_steps=4,
+                             seed=2, sampler="dpmpp_2m", shift=2.5)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)

@@ -203,13 +203,15 @@ class StableDiffusion3Backbone(keras.Model):
         """Velocity for `{"latents", "context", "pooled", "timestep"}` (all batched)."""
         return self.diffuser(inputs["latents"], inputs["context"], inputs["pooled"], inputs["timestep"])
 
-    def predict_velocity(self, latents, context, pooled, sigma, skip_layers=(), control=None):
+    def predict_velocity(self, latents, context, pooled, sigma, skip_layers=(), control=None, timestep=None):
         """MMDiT velocity (float32) at noise level `sigma` (a scalar) for a batch of latents.
 
         `control`: None, or `control(latents, context, pooled, timestep)` -> the ControlNet residuals
         added to the MMDiT's image tokens (inputs in the compute dtype; see `tasks.controlnet`).
+        `timestep`: the model's timestep input if not `1000 * sigma` (DPM-Solver feeds whole numbers).
         """
-        timestep = ops.broadcast_to(sampling.sigma_to_timestep(sigma), ops.shape(latents)[:1])
+        timestep = sampling.sigma_to_timestep(sigma) if timestep is None else ops.cast(timestep, "float32")
+        timestep = ops.broadcast_to(timestep, ops.shape(latents)[:1])
         dtype = self.compute_dtype
         latents, context, pooled = (ops.cast(x, dtype) for x in (latents, context, pooled))
         residuals = None if control is None else control(latents, context, pooled, timestep)
@@ -276,31 +278,38 @@ class StableDiffusion3Backbone(keras.Model):
         Returns:
             float32 latents after the step.
         """
-        positive, negative, positive_pooled, negative_pooled = embeddings
         sigma_now = sampling.sigma(step, num_steps)
         sigma_next = sampling.sigma(ops.add(step, 1), num_steps)
-        if guidance_scale is None:
-            velocity = self.predict_velocity(latents, positive, positive_pooled, sigma_now, control=control)
-        else:
-            velocity = self.predict_velocity(
-                ops.concatenate([latents, latents], axis=0),
-                ops.concatenate([positive, negative], axis=0),
-                ops.concatenate([positive_pooled, negative_pooled], axis=0),
-                sigma_now,
-                control=control,
-            )
-            v_positive, v_negative = ops.split(velocity, 2, axis=0)
-            velocity = sampling.classifier_free_guidance(v_positive, v_negative, guidance_scale)
-            if skip_layer_guidance is not None:
-                velocity = self._skip_layer_guidance(
-                    velocity, v_positive, latents, positive, positive_pooled, sigma_now, step, num_steps,
-                    skip_layer_guidance,
-                )
+        velocity = self.guided_velocity(latents, embeddings, sigma_now, step, num_steps, guidance_scale,
+                                        skip_layer_guidance, control)
         return sampling.euler_step(latents, velocity, sigma_now, sigma_next)
 
-    def _skip_layer_guidance(self, guided, v_positive, latents, context, pooled, sigma, step, num_steps, slg):
+    def guided_velocity(self, latents, embeddings, sigma, step, num_steps, guidance_scale=None,
+                        skip_layer_guidance=None, control=None, timestep=None):
+        """The velocity a sampler steps with at noise level `sigma` during step `step` of `num_steps`:
+        the positive prompt's, or with classifier-free (and skip-layer) guidance. Arguments as
+        `denoise_step`'s; `timestep` as `predict_velocity`'s. Returns float32 (B, h, w, C)."""
+        positive, negative, positive_pooled, negative_pooled = embeddings
+        if guidance_scale is None:
+            return self.predict_velocity(latents, positive, positive_pooled, sigma, control=control, timestep=timestep)
+        velocity = self.predict_velocity(
+            ops.concatenate([latents, latents], axis=0),
+            ops.concatenate([positive, negative], axis=0),
+            ops.concatenate([positive_pooled, negative_pooled], axis=0),
+            sigma,
+            control=control,
+            timestep=timestep,
+        )
+        v_positive, v_negative = ops.split(velocity, 2, axis=0)
+        velocity = sampling.classifier_free_guidance(v_positive, v_negative, guidance_scale)
+        if skip_layer_guidance is not None:
+            velocity = self._skip_layer_guidance(velocity, v_positive, latents, positive, positive_pooled, sigma,
+                                                 step, num_steps, skip_layer_guidance, timestep)
+        return velocity
+
+    def _skip_layer_guidance(self, guided, v_positive, latents, context, pooled, sigma, step, num_steps, slg, timestep):
         def with_skip():
-            skipped = self.predict_velocity(latents, context, pooled, sigma, skip_layers=slg.layers)
+            skipped = self.predict_velocity(latents, context, pooled, sigma, skip_layers=slg.layers, timestep=timestep)
             return slg.apply(guided, v_positive, skipped)
 
         return ops.cond(slg.is_active(step, num_steps), with_skip, lambda: guided)

@@ -1,4 +1,4 @@
-"""Sampling: the flow-matching schedule, Euler step, noising and guidance, as pure functions."""
+"""Sampling: the flow-matching schedules, the samplers' updates, noising and guidance, as pure functions."""
 
 from keras_sd3.keras_backend import require
 
@@ -13,4 +13,14 @@ from keras_sd3.sampling.flow_match import (
     sigma_to_timestep,
     timestep,
 )
+from keras_sd3.sampling.flow_match import DEFAULT_SHIFT
 from keras_sd3.sampling.guidance import SkipLayerGuidance, classifier_free_guidance
+from keras_sd3.sampling.samplers import (
+    SAMPLERS,
+    check_sampler,
+    dpm_sigma,
+    dpm_timesteps,
+    dpm_update,
+    schedule_sigma,
+    timestep_table,
+)

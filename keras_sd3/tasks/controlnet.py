@@ -13,7 +13,7 @@ from keras_sd3 import presets
 from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.models.controlnet import SD3ControlNet
 from keras_sd3.tasks.inputs import batch_images, check_num_steps
-from keras_sd3.tasks.loop import CompiledSteps
+from keras_sd3.tasks.loop import CompiledSteps, sampler_step
 from keras_sd3.tasks.task import GenerationTask
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
 
@@ -88,25 +88,25 @@ def controlnet_residuals(nets, control_latents, weights, patch_embed):
     return control
 
 
-def control_steps(backbone, nets, latents, embeddings, control_latents, scales, first, last, start, stop, num_steps,
+def control_steps(backbone, nets, state, embeddings, control_latents, scales, first, last, start, stop, num_steps,
                   guidance_scale, use_cfg, decode):
-    """Steps `start .. stop - 1` with ControlNets -> `(latents, decoded images or None)`.
+    """Euler steps `start .. stop - 1` with ControlNets -> `(state, decoded images or None)`.
 
     Args:
+        state: the loop state (`loop.initial_state`).
         control_latents: tuple of (B or 2B with guidance, h, w, C) control latents, one per net.
         scales, first, last: (n,) float32 scales and int32 step windows (inclusive), one per net.
     """
-    latents = ops.convert_to_tensor(latents, "float32")
     patch_embed = backbone.diffuser.pos_embed
 
-    def body(step, x):
+    def body(step, state):
         active = ops.logical_and(ops.greater_equal(step, first), ops.less_equal(step, last))
         control = controlnet_residuals(nets, control_latents, scales * ops.cast(active, "float32"), patch_embed)
-        return backbone.denoise_step(x, embeddings, step, num_steps, guidance_scale if use_cfg else None,
-                                     control=control)
+        return sampler_step(backbone, "euler", state, embeddings, step, num_steps,
+                            guidance_scale if use_cfg else None, control=control)
 
-    latents = ops.fori_loop(start, stop, body, latents)
-    return latents, (backbone.decode_step(latents) if decode else None)
+    state = ops.fori_loop(start, stop, body, tuple(state))
+    return state, (backbone.decode_step(state[0]) if decode else None)
 
 
 class ControlNetSteps(CompiledSteps):

@@ -3,7 +3,7 @@
 from keras import ops
 
 from keras_sd3 import sampling
-from keras_sd3.tasks.inputs import batch_images, check_num_steps, check_strength, latent_mask
+from keras_sd3.tasks.inputs import batch_images, check_num_steps, check_sampling, check_strength, latent_mask
 from keras_sd3.tasks.task import GenerationTask
 
 
@@ -21,7 +21,8 @@ class StableDiffusion3ImageToImage(GenerationTask):
     default_num_steps = 50  # KerasHub's
 
     def generate(self, inputs, num_steps=None, guidance_scale=None, strength=0.8, seed=None, noise=None, num_images=1,
-                 embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False):
+                 embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False,
+                 sampler="euler", shift=None):
         """Generates images from `{"images", "prompts"[, "negative_prompts"]}`.
 
         Args:
@@ -32,20 +33,22 @@ class StableDiffusion3ImageToImage(GenerationTask):
         """
         return self._generate(inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings,
                               dict(output=output, skip_layer_guidance=skip_layer_guidance, callback=callback,
-                                   progress=progress))
+                                   progress=progress, sampler=sampler, shift=shift))
 
     def _generate(self, inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings, options,
                   keep_unmasked=False):
         num_steps, guidance_scale, options["skip_layer_guidance"] = self.settings(
             num_steps, guidance_scale, options["skip_layer_guidance"])
         strength, num_steps = check_strength(strength), check_num_steps(num_steps)
+        options["sampler"], options["shift"] = check_sampling(options["sampler"], options["shift"])
         single, inputs, embeddings = self.prepare(inputs, self.required_keys, embeddings, num_images)
         batch = embeddings[0].shape[0]
         images = batch_images(inputs.get("images"), batch, self.backbone.image_shape)
         noise = self.noise(batch, seed) if noise is None else self.check_noise(noise, batch, "noise")
         start = start_step(num_steps, strength)
         image_latents = ops.convert_to_numpy(self.compiled.encode(images))
-        latents = ops.convert_to_numpy(sampling.add_noise(image_latents, noise, sampling.sigma(start, num_steps)))
+        level = sampling.schedule_sigma(options["sampler"], start, num_steps, options["shift"])
+        latents = ops.convert_to_numpy(sampling.add_noise(image_latents, noise, level))
         inpaint = None
         if "masks" in self.required_keys:
             factor = self.backbone.vae_config.downsample_factor

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from keras_sd3 import sampling
+
 
 def _as_list(value, name):
     if isinstance(value, str):
@@ -94,3 +96,14 @@ def latent_mask(masks, batch, image_shape, factor):
     rows = (np.arange(height // factor) * factor).astype(int)
     cols = (np.arange(width // factor) * factor).astype(int)
     return binary[:, rows][:, :, cols][..., None]
+
+
+def check_sampling(sampler="euler", shift=None):
+    """Checked `(sampler, shift)`: "euler" (diffusers' default for SD3), "heun" or "dpmpp_2m"
+    (see `keras_sd3.sampling.samplers`); `shift` None is SD3's 3.0, else a number > 0."""
+    sampler = sampling.check_sampler(sampler)
+    if shift is None:
+        return sampler, sampling.DEFAULT_SHIFT
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ValueError(f"shift must be a number > 0 (SD3's is 3.0), got {shift!r}.")
+    return sampler, float(shift)

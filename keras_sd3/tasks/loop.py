@@ -11,9 +11,47 @@ from keras_sd3 import sampling
 from keras_sd3.backend import compile_function
 
 
-def denoise_loop(backbone, latents, embeddings, start, stop, num_steps, guidance_scale, inpaint=None,
-                 skip_layer_guidance=None):
-    """Euler steps `start .. stop - 1` of `num_steps` from `latents`.
+def initial_state(latents):
+    """The loop's state before the first step: `(latents, previous x0, previous sigma)`; the last two
+    are DPM-Solver++(2M)'s memory (sigma 0: none yet) and pass through the other samplers unchanged."""
+    latents = ops.convert_to_tensor(latents, "float32")
+    return latents, ops.zeros_like(latents), ops.convert_to_tensor(0.0, "float32")
+
+
+def sampler_step(backbone, sampler, state, embeddings, step, num_steps, guidance_scale, skip_layer_guidance=None,
+                 control=None, shift=sampling.DEFAULT_SHIFT, timesteps=None):
+    """One step `step -> step + 1` of `num_steps` with `sampler` ("euler", "heun" or "dpmpp_2m") -> the new state.
+
+    Guidance, skip-layer guidance and ControlNet `control` apply at every model call (see
+    `backbone.guided_velocity`); Heun's second call uses the step's index for the guidance window.
+    `timesteps`: `sampling.timestep_table` (read by "dpmpp_2m" only).
+    """
+    x, previous_x0, previous_sigma = state
+    sigma_now = sampling.schedule_sigma(sampler, step, num_steps, shift)
+    sigma_next = sampling.schedule_sigma(sampler, ops.add(step, 1), num_steps, shift)
+
+    def velocity(latents, sigma, timestep=None):
+        return backbone.guided_velocity(latents, embeddings, sigma, step, num_steps, guidance_scale,
+                                        skip_layer_guidance, control, timestep)
+
+    if sampler == "dpmpp_2m":
+        v = velocity(x, sigma_now, ops.take(timesteps, step))
+        x0 = ops.cast(x, "float32") - sigma_now * v
+        return sampling.dpm_update(x, x0, previous_x0, previous_sigma, sigma_now, sigma_next), x0, sigma_now
+    v = velocity(x, sigma_now)
+    euler = sampling.euler_step(x, v, sigma_now, sigma_next)
+    if sampler == "heun":
+
+        def corrected():  # the velocity at the end of the step, averaged with the one at its start
+            return sampling.euler_step(x, 0.5 * (v + velocity(euler, sigma_next)), sigma_now, sigma_next)
+
+        euler = ops.cond(sigma_next > 0.0, corrected, lambda: euler)
+    return euler, previous_x0, previous_sigma
+
+
+def denoise_loop(backbone, state, embeddings, start, stop, num_steps, guidance_scale, inpaint=None,
+                 skip_layer_guidance=None, sampler="euler", shift=sampling.DEFAULT_SHIFT, timesteps=None):
+    """Sampler steps `start .. stop - 1` of `num_steps` from `state` (see `initial_state`) -> the new state.
 
     Args:
         inpaint: None, or `(image_latents, noise, mask)`: after each step the unmasked region
@@ -21,38 +59,39 @@ def denoise_loop(backbone, latents, embeddings, start, stop, num_steps, guidance
         skip_layer_guidance: None or a `sampling.SkipLayerGuidance`.
     """
 
-    def body(step, x):
-        x = backbone.denoise_step(x, embeddings, step, num_steps, guidance_scale, skip_layer_guidance)
+    def body(step, state):
+        x, *memory = sampler_step(backbone, sampler, state, embeddings, step, num_steps, guidance_scale,
+                                  skip_layer_guidance, shift=shift, timesteps=timesteps)
         if inpaint is not None:
             image_latents, noise, mask = inpaint
-            proper = sampling.add_noise(image_latents, noise, sampling.sigma(step + 1, num_steps))
-            x = (1.0 - mask) * proper + mask * x
-        return x
+            level = sampling.schedule_sigma(sampler, step + 1, num_steps, shift)
+            x = (1.0 - mask) * sampling.add_noise(image_latents, noise, level) + mask * x
+        return (x, *memory)
 
-    return ops.fori_loop(start, stop, body, latents)
+    return ops.fori_loop(start, stop, body, tuple(state))
 
 
-def run_steps(backbone, latents, embeddings, noise, image_latents, mask, start, stop, num_steps, guidance_scale,
-              use_cfg, use_mask, skip_layer_guidance, decode):
-    """Steps `start .. stop - 1` -> `(latents, decoded images or None)`; the body of every task.
+def run_steps(backbone, state, embeddings, noise, image_latents, mask, timesteps, start, stop, num_steps,
+              guidance_scale, use_cfg, use_mask, skip_layer_guidance, decode, sampler="euler",
+              shift=sampling.DEFAULT_SHIFT):
+    """Steps `start .. stop - 1` -> `(state, decoded images or None)`; the body of every task.
 
     Args:
-        latents: (B, h, w, C) latents before step `start`.
+        state: the loop state before step `start` (`initial_state(latents)`, (B, h, w, C) latents).
         embeddings: the 4-tuple of `encode_text_step`.
         noise, image_latents, mask: the inpainting inputs (ignored unless `use_mask`); mask is
             (B, h, w, 1), 1 = repaint.
+        timesteps: `sampling.timestep_table(sampler, num_steps, shift)`.
         start, stop, num_steps: int scalars.
         guidance_scale: float scalar (ignored unless `use_cfg`).
     """
-    latents, noise, image_latents, mask = (
-        ops.convert_to_tensor(x, "float32") for x in (latents, noise, image_latents, mask)
-    )
+    noise, image_latents, mask = (ops.convert_to_tensor(x, "float32") for x in (noise, image_latents, mask))
     inpaint = (image_latents, noise, mask) if use_mask else None
-    latents = denoise_loop(
-        backbone, latents, embeddings, start, stop, num_steps, guidance_scale if use_cfg else None, inpaint,
-        skip_layer_guidance if use_cfg else None,
+    state = denoise_loop(
+        backbone, state, embeddings, start, stop, num_steps, guidance_scale if use_cfg else None, inpaint,
+        skip_layer_guidance if use_cfg else None, sampler, shift, ops.convert_to_tensor(timesteps, "float32"),
     )
-    return latents, (backbone.decode_step(latents) if decode else None)
+    return state, (backbone.decode_step(state[0]) if decode else None)
 
 
 class CompiledSteps:

@@ -8,8 +8,8 @@ from keras import ops
 
 from keras_sd3 import presets, sampling
 from keras_sd3.models.backbone import StableDiffusion3Backbone
-from keras_sd3.tasks.inputs import check_guidance_scale, check_num_steps, parse_prompts
-from keras_sd3.tasks.loop import CompiledSteps, scalar
+from keras_sd3.tasks.inputs import check_guidance_scale, check_num_steps, check_sampling, parse_prompts
+from keras_sd3.tasks.loop import CompiledSteps, initial_state, scalar
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
 
 
@@ -112,7 +112,7 @@ class GenerationTask:
         return single, inputs, embeddings
 
     def run(self, latents, embeddings, num_steps, guidance_scale, start=0, inpaint=None, output="images",
-            skip_layer_guidance=None, callback=None, progress=False):
+            skip_layer_guidance=None, callback=None, progress=False, sampler="euler", shift=None):
         """Runs steps `start .. num_steps - 1` from `latents`; returns uint8 images or float32 latents.
 
         Args:
@@ -120,8 +120,10 @@ class GenerationTask:
             skip_layer_guidance: None, True (the defaults) or a `sampling.SkipLayerGuidance`.
             callback: `callback(step, num_steps, latents)` after each step (numpy latents).
             progress: draw a progress bar on stderr.
+            sampler, shift: see `inputs.check_sampling`.
         """
         num_steps = check_num_steps(num_steps)
+        sampler, shift = check_sampling(sampler, shift)
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}.")
         if skip_layer_guidance is True:
@@ -129,8 +131,9 @@ class GenerationTask:
         skip_layer_guidance = skip_layer_guidance or None
         zeros = np.zeros((latents.shape[0], *self.backbone.latent_shape[:2], 1), np.float32)
         noise, image_latents, mask = inpaint if inpaint is not None else (latents, latents, zeros)
-        options = dict(use_cfg=guidance_scale > 1.0, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance)
-        args = (noise, image_latents, mask)
+        options = dict(use_cfg=guidance_scale > 1.0, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance,
+                       sampler=sampler, shift=shift)
+        args = (noise, image_latents, mask, sampling.timestep_table(sampler, num_steps, shift))
         return self.run_program(self.compiled, latents, (embeddings, *args), start, num_steps, guidance_scale, output,
                                 callback, progress, **options)
 
@@ -140,19 +143,20 @@ class GenerationTask:
         over steps `start .. num_steps - 1`: in one call, or a step at a time for a callback / progress bar.
         Returns uint8 images or float32 latents (`output`)."""
         guidance, total = scalar(guidance_scale, "float32"), scalar(num_steps, "int32")
+        state = initial_state(latents)
         if callback is None and not progress:
-            latents, decoded = program(latents, *inputs, scalar(start, "int32"), total, total, guidance,
-                                       decode=output == "images", **options)
+            state, decoded = program(state, *inputs, scalar(start, "int32"), total, total, guidance,
+                                     decode=output == "images", **options)
         else:
             for step in range(start, num_steps):
-                latents, _ = program(latents, *inputs, scalar(step, "int32"), scalar(step + 1, "int32"), total,
-                                     guidance, decode=False, **options)
+                state, _ = program(state, *inputs, scalar(step, "int32"), scalar(step + 1, "int32"), total,
+                                   guidance, decode=False, **options)
                 if callback is not None:
-                    callback(step, num_steps, ops.convert_to_numpy(latents))
+                    callback(step, num_steps, ops.convert_to_numpy(state[0]))
                 if progress:
                     progress_bar(step + 1, num_steps)
-            decoded = self.compiled.decode(latents) if output == "images" else None
-        latents = ops.convert_to_numpy(latents)
+            decoded = self.compiled.decode(state[0]) if output == "images" else None
+        latents = ops.convert_to_numpy(state[0])
         if not np.all(np.isfinite(latents)):
             raise FloatingPointError("NaN or Inf appeared in the latents (try float32 or bfloat16 instead of float16).")
         return latents if output == "latents" else to_uint8(ops.convert_to_numpy(decoded))

@@ -80,14 +80,16 @@ def score(images, expected):
     return {"color_accuracy": float(color), "shape_accuracy": float(shape), "count": len(found), "found": found}
 
 
-def evaluate(text_to_image, count=48, num_steps=20, guidance_scale=5.0, seed=0, batch_size=8):
-    """Generates the evaluation prompts (seed `seed + i` for prompt i) and scores them."""
+def evaluate(text_to_image, count=48, num_steps=20, guidance_scale=5.0, seed=0, batch_size=8, **options):
+    """Generates the evaluation prompts (seed `seed + i` for prompt i) and scores them.
+
+    `options`: more `generate()` arguments (`sampler`, `shift`, ...)."""
     items = evaluation_prompts(count)
     images = []
     for start in range(0, count, batch_size):
         chunk = items[start : start + batch_size]
         noise = np.concatenate([text_to_image.noise(1, seed + start + i) for i in range(len(chunk))])
         images.append(text_to_image.generate([p for p, _ in chunk], num_steps=num_steps,
-                                             guidance_scale=guidance_scale, latents=noise))
+                                             guidance_scale=guidance_scale, latents=noise, **options))
     images = np.concatenate(images)
     return images, score(images, [e for _, e in items])
