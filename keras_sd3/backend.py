@@ -1,9 +1,11 @@
-"""The only backend-specific code of keras_sd3: fast paths that `keras.ops` cannot express.
+"""The only backend-specific code of keras_sd3: fast paths that `keras.ops` cannot express, compiled
+functions and the persistent compilation cache.
 
 Everything else in the models and the sampler is written with `keras.ops` alone.
 """
 
 import functools
+import os
 
 from keras_sd3.keras_backend import require
 
@@ -161,3 +163,45 @@ def compile_function(model, function):
     import torch
 
     return torch.no_grad()(function)
+
+
+CACHE_VARIABLE = "KERAS_SD3_CACHE"
+
+
+def compilation_cache_folder(backend=None):
+    """Where compiled XLA programs are kept between processes, or None when the cache is off.
+
+    `$KERAS_SD3_CACHE/<backend>` (`KERAS_SD3_CACHE=0` turns it off), else
+    `$XDG_CACHE_HOME/keras_sd3/<backend>` (`~/.cache/keras_sd3/<backend>`). jax and tensorflow only:
+    torch compiles nothing.
+    """
+    backend = backend or keras.config.backend()
+    root = os.environ.get(CACHE_VARIABLE)
+    if root == "0" or backend not in ("jax", "tensorflow"):
+        return None
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras_sd3")
+    return os.path.join(root, backend)
+
+
+def use_compilation_cache():
+    """Points jax's persistent compilation cache (every program, however quick to compile) or
+    tensorflow's XLA cache (`--tf_xla_persistent_cache_directory`) at `compilation_cache_folder()`,
+    unless the user set one already. Called when keras_sd3 is imported; a second start then loads the
+    compiled denoising loop, decoder and encoders instead of compiling them again."""
+    folder = compilation_cache_folder()
+    if folder is None:
+        return
+    if keras.config.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", folder)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        return
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" not in flags:
+        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={folder}".strip()
+
+
+use_compilation_cache()

@@ -6,8 +6,11 @@ of any tensor changes the output.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# The compilation cache stays on (as for users) but in a folder of this run, not in the home folder.
+os.environ.setdefault("KERAS_SD3_CACHE", tempfile.mkdtemp(prefix="keras_sd3_test_cache_"))
 
 import numpy as np
 import pytest
