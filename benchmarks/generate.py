@@ -1,13 +1,15 @@
 """End-to-end text-to-image seconds per image: keras_sd3 vs diffusers' StableDiffusion3Pipeline.
 
-Two models: the tests' tiny random SD3 (48 x 80 px, with its tiny text encoders, prompts as input),
-and the SD3-Medium shape (random MMDiT + VAE, 512 x 512, precomputed random embeddings of the real
-shapes as input, since the real text encoders are 11 GB). Each backend runs in its own process that
-also holds the diffusers pipeline; after a warm-up (compilation) the two are timed alternately with
-the same initial latents. Prints medians and the median per-pair ratio.
+Two models: the tests' tiny random SD3 (64 x 64 px, CLIP-L / CLIP-G / T5, prompts in, uint8 images
+out, a different prompt at every call), and the SD3-Medium shape (random MMDiT + VAE, 512 x 512,
+precomputed random embeddings of the real shapes as input, since the real text encoders are 11 GB).
+Each backend runs in its own process that also holds the diffusers pipeline; after a warm-up
+(compilation) the two are timed alternately with the same initial latents and prompts. Prints medians
+and the median per-pair ratio.
 
 Usage:
-    python benchmarks/generate.py [--models tiny sd3m] [--backends jax torch tensorflow] [--steps 4]
+    python benchmarks/generate.py [--models tiny sd3m] [--backends jax torch tensorflow] [--steps 8]
+        [--repeats 7]
 """
 
 import argparse
@@ -27,14 +29,19 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from mmdit_step import SD3_MEDIUM_DIFFUSERS, SD3_VAE_DIFFUSERS, timed_pairs  # noqa: E402
 
 
+PROMPTS = [f"a {size} {color} {shape} on a {background} background" for size in ("small", "large")
+           for color in ("red", "green", "blue") for shape in ("circle", "square", "triangle")
+           for background in ("white", "black")]
+
+
 def tiny(folder):
     from tiny_text import build_pipeline
 
     from keras_sd3.models import StableDiffusion3TextToImage
 
     pipe = build_pipeline(folder, with_t5=True)
-    task = StableDiffusion3TextToImage.from_preset(folder, image_shape=(48, 80, 3))
-    return pipe, task, (48, 80), dict(prompt="a red circle on a blue background"), {}
+    task = StableDiffusion3TextToImage.from_preset(folder, image_shape=(64, 64, 3))
+    return pipe, task, (64, 64), dict(prompt="a red circle on a blue background"), {}
 
 
 def sd3_medium(dtype):
@@ -72,13 +79,21 @@ def worker(model, dtype, steps, repeats):
         latents = np.random.default_rng(1).standard_normal((1, h // 8, w // 8, 16)).astype("float32")
         torch_latents = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(pipe.transformer.dtype)
 
+        has_prompt, calls = "prompt" in reference_inputs, {"reference": 0, "ours": 0}
+
+        def prompt(side):  # a new prompt at every call, the same for both sides of a pair
+            calls[side] += 1
+            return PROMPTS[calls[side] % len(PROMPTS)] if has_prompt else None
+
         def reference():
+            inputs = dict(reference_inputs, **({"prompt": prompt("reference")} if has_prompt else {}))
             with torch.no_grad():
-                pipe(**reference_inputs, num_inference_steps=steps, guidance_scale=7.0, height=h, width=w,
+                pipe(**inputs, num_inference_steps=steps, guidance_scale=7.0, height=h, width=w,
                      latents=torch_latents, output_type="np")
 
-        prompt = reference_inputs.get("prompt")
-        ours = lambda: task.generate(prompt, num_steps=steps, guidance_scale=7.0, latents=latents, **our_inputs)
+        def ours():
+            return task.generate(prompt("ours"), num_steps=steps, guidance_scale=7.0, latents=latents, **our_inputs)
+
         reference_times, our_times = timed_pairs(reference, ours, repeats)
     return {"reference": reference_times, "ours": our_times}
 
@@ -88,8 +103,8 @@ def main():
     parser.add_argument("--models", nargs="+", default=["tiny", "sd3m"])
     parser.add_argument("--backends", nargs="+", default=["jax", "torch", "tensorflow"])
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the SD3-Medium-shape run")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

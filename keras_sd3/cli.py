@@ -111,6 +111,10 @@ def build_parser():
                                  "dpmpp_2m gives good images in fewer steps, heun costs 2 model calls a step)")
             command.add_argument("--shift", type=number(float, 1e-9, what="a number > 0"),
                                  help="the noise schedule's shift (default: 3.0, SD3's)")
+            command.add_argument("--cache", nargs="?", const=True, metavar="THRESHOLD",
+                                 type=number(float, 0.0, what="a number >= 0"),
+                                 help="step caching: reuse most of the network between steps that change it "
+                                 "little (faster; THRESHOLD default: keras_sd3.sampling.StepCache's)")
         if name not in ("control", "generate"):
             command.add_argument("--image", required=True, help="input picture")
             command.add_argument("--strength", type=number(float, 0.0, 1.0, "a number in [0, 1]"),
@@ -298,8 +302,13 @@ def generate(args, size, paths):
     if args.lora:
         metadata["loras"] = [list(lora) for lora in args.lora]
     if args.command != "control":
-        options.update(sampler=args.sampler, shift=args.shift)
+        from keras_sd3.sampling import StepCache
+
+        step_cache = StepCache() if args.cache is True else args.cache
+        options.update(sampler=args.sampler, shift=args.shift, step_cache=step_cache)
         metadata["sampler"] = args.sampler
+        if step_cache is not None:
+            metadata["step_cache"] = getattr(step_cache, "threshold", step_cache)
         if args.shift is not None:
             metadata["shift"] = args.shift
     if args.command in ("generate", "control"):

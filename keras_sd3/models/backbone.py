@@ -203,18 +203,23 @@ class StableDiffusion3Backbone(keras.Model):
         """Velocity for `{"latents", "context", "pooled", "timestep"}` (all batched)."""
         return self.diffuser(inputs["latents"], inputs["context"], inputs["pooled"], inputs["timestep"])
 
-    def predict_velocity(self, latents, context, pooled, sigma, skip_layers=(), control=None, timestep=None):
+    def predict_velocity(self, latents, context, pooled, sigma, skip_layers=(), control=None, timestep=None,
+                         step_cache=None):
         """MMDiT velocity (float32) at noise level `sigma` (a scalar) for a batch of latents.
 
         `control`: None, or `control(latents, context, pooled, timestep)` -> the ControlNet residuals
         added to the MMDiT's image tokens (inputs in the compute dtype; see `tasks.controlnet`).
         `timestep`: the model's timestep input if not `1000 * sigma` (DPM-Solver feeds whole numbers).
+        `step_cache`: None, or the MMDiT's `step_cache` argument; then `(velocity, new cache)` is returned.
         """
         timestep = sampling.sigma_to_timestep(sigma) if timestep is None else ops.cast(timestep, "float32")
         timestep = ops.broadcast_to(timestep, ops.shape(latents)[:1])
         dtype = self.compute_dtype
         latents, context, pooled = (ops.cast(x, dtype) for x in (latents, context, pooled))
         residuals = None if control is None else control(latents, context, pooled, timestep)
+        if step_cache is not None:
+            velocity, cache = self.diffuser(latents, context, pooled, timestep, step_cache=step_cache)
+            return ops.cast(velocity, "float32"), cache
         velocity = self.diffuser(latents, context, pooled, timestep, skip_layers=skip_layers,
                                  controlnet_residuals=residuals)
         return ops.cast(velocity, "float32")
@@ -285,13 +290,17 @@ class StableDiffusion3Backbone(keras.Model):
         return sampling.euler_step(latents, velocity, sigma_now, sigma_next)
 
     def guided_velocity(self, latents, embeddings, sigma, step, num_steps, guidance_scale=None,
-                        skip_layer_guidance=None, control=None, timestep=None):
+                        skip_layer_guidance=None, control=None, timestep=None, step_cache=None):
         """The velocity a sampler steps with at noise level `sigma` during step `step` of `num_steps`:
         the positive prompt's, or with classifier-free (and skip-layer) guidance. Arguments as
-        `denoise_step`'s; `timestep` as `predict_velocity`'s. Returns float32 (B, h, w, C)."""
+        `denoise_step`'s; `timestep` and `step_cache` as `predict_velocity`'s (the cache serves the
+        guided pass, not skip-layer guidance's extra one). Returns float32 (B, h, w, C), and with
+        `step_cache` the new cache."""
         positive, negative, positive_pooled, negative_pooled = embeddings
+        cached = step_cache is not None
         if guidance_scale is None:
-            return self.predict_velocity(latents, positive, positive_pooled, sigma, control=control, timestep=timestep)
+            return self.predict_velocity(latents, positive, positive_pooled, sigma, control=control, timestep=timestep,
+                                         step_cache=step_cache)
         velocity = self.predict_velocity(
             ops.concatenate([latents, latents], axis=0),
             ops.concatenate([positive, negative], axis=0),
@@ -299,13 +308,15 @@ class StableDiffusion3Backbone(keras.Model):
             sigma,
             control=control,
             timestep=timestep,
+            step_cache=step_cache,
         )
+        velocity, cache = velocity if cached else (velocity, None)
         v_positive, v_negative = ops.split(velocity, 2, axis=0)
         velocity = sampling.classifier_free_guidance(v_positive, v_negative, guidance_scale)
         if skip_layer_guidance is not None:
             velocity = self._skip_layer_guidance(velocity, v_positive, latents, positive, positive_pooled, sigma,
                                                  step, num_steps, skip_layer_guidance, timestep)
-        return velocity
+        return (velocity, cache) if cached else velocity
 
     def _skip_layer_guidance(self, guided, v_positive, latents, context, pooled, sigma, step, num_steps, slg, timestep):
         def with_skip():

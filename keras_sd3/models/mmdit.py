@@ -159,9 +159,14 @@ class MMDiT(keras.layers.Layer):
         skip_layers: indices of blocks to skip (skip-layer guidance).
         controlnet_residuals: None, or a list of (B, N, D) ControlNet outputs, added to the image tokens
             after every block but the last (`controlnet_residual_index` picks which one, as diffusers).
+        step_cache: None, or `(threshold, allowed, first_residual, rest_residual)` of the step cache
+            (`sampling.StepCache`): when `allowed` and the first block's residual changed by less than
+            `threshold` (mean absolute difference / mean absolute value) since the last full pass,
+            the other blocks are skipped and their residual from that pass is reused.
 
     Returns:
-        (B, H, W, out_channels) velocity, in the compute dtype.
+        (B, H, W, out_channels) velocity, in the compute dtype; with `step_cache`, also the new
+        `(first_residual, rest_residual, skipped)` (residuals (B, N, D), skipped a float32 0 / 1).
     """
 
     def __init__(self, config, **kwargs):
@@ -176,7 +181,7 @@ class MMDiT(keras.layers.Layer):
         self.proj_out = dense(config.patch_size**2 * config.out_channels, dim, policy)
         self.built = True
 
-    def call(self, latents, context, pooled, timestep, skip_layers=(), controlnet_residuals=None):
+    def call(self, latents, context, pooled, timestep, skip_layers=(), controlnet_residuals=None, step_cache=None):
         _, height, width, _ = ops.shape(latents)
         p, limit = self.config.patch_size, self.config.pos_embed_max_size
         if height % p or width % p or height // p > limit or width // p > limit:
@@ -187,14 +192,42 @@ class MMDiT(keras.layers.Layer):
         x = self.pos_embed(latents)  # (B, N, D)
         temb = self.time_text_embed(timestep, pooled)  # (B, D)
         context = self.context_embedder(context)  # (B, S, D)
-        for index, block in enumerate(self.transformer_blocks):
+        cache = None
+        if step_cache is None:
+            x = self._blocks(x, context, temb, 0, skip_layers, controlnet_residuals)
+        else:
+            x, cache = self._cached_blocks(x, context, temb, *step_cache)
+        scale, shift = self.norm_out(temb)
+        x = self.proj_out(modulate(layer_norm(x), shift, scale))  # (B, N, p * p * C), ordered (p, q, c)
+        x = ops.reshape(x, (-1, height // p, width // p, p, p, self.config.out_channels))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, p, w, q, C)
+        velocity = ops.reshape(x, (-1, height, width, self.config.out_channels))
+        return velocity if cache is None else (velocity, cache)
+
+    def _blocks(self, x, context, temb, first, skip_layers=(), controlnet_residuals=None):
+        """The image tokens after blocks `first ..` (the context stream ends with the last block)."""
+        for index, block in enumerate(self.transformer_blocks[first:], first):
             if index not in skip_layers:
                 x, context = block(x, context, temb)
             if controlnet_residuals and not block.is_last:
                 x = x + controlnet_residuals[controlnet_residual_index(index, len(self.transformer_blocks),
                                                                       len(controlnet_residuals))]
-        scale, shift = self.norm_out(temb)
-        x = self.proj_out(modulate(layer_norm(x), shift, scale))  # (B, N, p * p * C), ordered (p, q, c)
-        x = ops.reshape(x, (-1, height // p, width // p, p, p, self.config.out_channels))
-        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, p, w, q, C)
-        return ops.reshape(x, (-1, height, width, self.config.out_channels))
+        return x
+
+    def _cached_blocks(self, x, context, temb, threshold, allowed, previous_first, previous_rest):
+        """Block 0, then the other blocks or the reuse of their last residual (see `step_cache`)."""
+        after_first, context = self.transformer_blocks[0](x, context, temb)
+        first = after_first - x
+        change = ops.mean(ops.abs(ops.cast(first, "float32") - ops.cast(previous_first, "float32")))
+        change = change / (ops.mean(ops.abs(ops.cast(previous_first, "float32"))) + 1e-12)
+        skip = ops.logical_and(allowed, change < threshold)
+
+        def reuse():
+            return after_first + ops.cast(previous_rest, after_first.dtype), previous_first, previous_rest
+
+        def compute():
+            out = self._blocks(after_first, context, temb, 1)
+            return out, ops.cast(first, previous_first.dtype), ops.cast(out - after_first, previous_rest.dtype)
+
+        x, first, rest = ops.cond(skip, reuse, compute)
+        return x, (first, rest, ops.cast(skip, "float32"))

@@ -24,3 +24,4 @@ from keras_sd3.sampling.samplers import (
     schedule_sigma,
     timestep_table,
 )
+from keras_sd3.sampling.step_cache import StepCache, check_step_cache

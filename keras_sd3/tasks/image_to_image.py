@@ -22,7 +22,7 @@ class StableDiffusion3ImageToImage(GenerationTask):
 
     def generate(self, inputs, num_steps=None, guidance_scale=None, strength=0.8, seed=None, noise=None, num_images=1,
                  embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False,
-                 sampler="euler", shift=None):
+                 sampler="euler", shift=None, step_cache=None):
         """Generates images from `{"images", "prompts"[, "negative_prompts"]}`.
 
         Args:
@@ -33,7 +33,7 @@ class StableDiffusion3ImageToImage(GenerationTask):
         """
         return self._generate(inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings,
                               dict(output=output, skip_layer_guidance=skip_layer_guidance, callback=callback,
-                                   progress=progress, sampler=sampler, shift=shift))
+                                   progress=progress, sampler=sampler, shift=shift, step_cache=step_cache))
 
     def _generate(self, inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings, options,
                   keep_unmasked=False):
@@ -41,6 +41,7 @@ class StableDiffusion3ImageToImage(GenerationTask):
             num_steps, guidance_scale, options["skip_layer_guidance"])
         strength, num_steps = check_strength(strength), check_num_steps(num_steps)
         options["sampler"], options["shift"] = check_sampling(options["sampler"], options["shift"])
+        options["step_cache"] = sampling.check_step_cache(options["step_cache"])
         single, inputs, embeddings = self.prepare(inputs, self.required_keys, embeddings, num_images)
         batch = embeddings[0].shape[0]
         images = batch_images(inputs.get("images"), batch, self.backbone.image_shape)

@@ -57,7 +57,7 @@ class StableDiffusion3Inpaint(StableDiffusion3ImageToImage):
 
     def generate(self, inputs, num_steps=None, guidance_scale=None, strength=0.6, seed=None, noise=None, num_images=1,
                  embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False,
-                 keep_unmasked=False, sampler="euler", shift=None):
+                 keep_unmasked=False, sampler="euler", shift=None, step_cache=None):
         """Generates images from `{"images", "masks", "prompts"[, "negative_prompts"]}`.
 
         Masks whose height and width differ from the images' raise a ValueError before any model work.
@@ -82,7 +82,8 @@ class StableDiffusion3Inpaint(StableDiffusion3ImageToImage):
                 return self.unchanged(inputs, embeddings, num_images, output)
         return self._generate(inputs, num_steps, guidance_scale, strength, seed, noise, num_images, embeddings,
                               dict(output=output, skip_layer_guidance=skip_layer_guidance, callback=callback,
-                                   progress=progress, sampler=sampler, shift=shift), keep_unmasked)
+                                   progress=progress, sampler=sampler, shift=shift, step_cache=step_cache),
+                              keep_unmasked)
 
     def unchanged(self, inputs, embeddings, num_images, output):
         """The input images (uint8, or their latents), shaped as `generate` returns, for empty masks."""

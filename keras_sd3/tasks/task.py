@@ -83,7 +83,7 @@ class GenerationTask:
         """Prompts -> the 4-tuple of embeddings."""
         if self.preprocessor is None:
             raise ValueError("This task has no preprocessor: pass precomputed `embeddings` to generate().")
-        return self.backbone.encode_text_step(
+        return self.compiled.encode_text(
             self.preprocessor.generate_preprocess(prompts), self.preprocessor.generate_preprocess(negatives)
         )
 
@@ -112,7 +112,7 @@ class GenerationTask:
         return single, inputs, embeddings
 
     def run(self, latents, embeddings, num_steps, guidance_scale, start=0, inpaint=None, output="images",
-            skip_layer_guidance=None, callback=None, progress=False, sampler="euler", shift=None):
+            skip_layer_guidance=None, callback=None, progress=False, sampler="euler", shift=None, step_cache=None):
         """Runs steps `start .. num_steps - 1` from `latents`; returns uint8 images or float32 latents.
 
         Args:
@@ -121,9 +121,12 @@ class GenerationTask:
             callback: `callback(step, num_steps, latents)` after each step (numpy latents).
             progress: draw a progress bar on stderr.
             sampler, shift: see `inputs.check_sampling`.
+            step_cache: None, a threshold or a `sampling.StepCache`; afterwards `self.step_cache_skipped`
+                says how many of the run's MMDiT passes reused the cache.
         """
         num_steps = check_num_steps(num_steps)
         sampler, shift = check_sampling(sampler, shift)
+        step_cache = sampling.check_step_cache(step_cache)
         if output not in ("images", "latents"):
             raise ValueError(f"output must be 'images' or 'latents', got {output!r}.")
         if skip_layer_guidance is True:
@@ -131,19 +134,27 @@ class GenerationTask:
         skip_layer_guidance = skip_layer_guidance or None
         zeros = np.zeros((latents.shape[0], *self.backbone.latent_shape[:2], 1), np.float32)
         noise, image_latents, mask = inpaint if inpaint is not None else (latents, latents, zeros)
-        options = dict(use_cfg=guidance_scale > 1.0, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance,
-                       sampler=sampler, shift=shift)
-        args = (noise, image_latents, mask, sampling.timestep_table(sampler, num_steps, shift))
+        use_cfg = guidance_scale > 1.0
+        options = dict(use_cfg=use_cfg, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance,
+                       sampler=sampler, shift=shift, use_step_cache=step_cache is not None)
+        settings = step_cache or sampling.StepCache()
+        args = (noise, image_latents, mask, sampling.timestep_table(sampler, num_steps, shift),
+                (scalar(settings.threshold, "float32"), scalar(settings.warmup_steps, "int32")))
+        cache_shape = None
+        if step_cache is not None:  # the MMDiT's image tokens, (B or 2 B with guidance, N, D)
+            (h, w, _), config = self.backbone.latent_shape, self.backbone.mmdit_config
+            tokens = (h // config.patch_size) * (w // config.patch_size)
+            cache_shape = (latents.shape[0] * (2 if use_cfg else 1), tokens, config.hidden_size)
         return self.run_program(self.compiled, latents, (embeddings, *args), start, num_steps, guidance_scale, output,
-                                callback, progress, **options)
+                                callback, progress, cache_shape, **options)
 
     def run_program(self, program, latents, inputs, start, num_steps, guidance_scale, output, callback, progress,
-                    **options):
-        """Runs a compiled loop `program(latents, *inputs, start, stop, num_steps, guidance, decode=, **options)`
+                    cache_shape=None, **options):
+        """Runs a compiled loop `program(state, *inputs, start, stop, num_steps, guidance, decode=, **options)`
         over steps `start .. num_steps - 1`: in one call, or a step at a time for a callback / progress bar.
         Returns uint8 images or float32 latents (`output`)."""
         guidance, total = scalar(guidance_scale, "float32"), scalar(num_steps, "int32")
-        state = initial_state(latents)
+        state = initial_state(latents, cache_shape, self.backbone.compute_dtype)
         if callback is None and not progress:
             state, decoded = program(state, *inputs, scalar(start, "int32"), total, total, guidance,
                                      decode=output == "images", **options)
@@ -156,6 +167,7 @@ class GenerationTask:
                 if progress:
                     progress_bar(step + 1, num_steps)
             decoded = self.compiled.decode(state[0]) if output == "images" else None
+        self.step_cache_skipped = int(ops.convert_to_numpy(state[3][3]))
         latents = ops.convert_to_numpy(state[0])
         if not np.all(np.isfinite(latents)):
             raise FloatingPointError("NaN or Inf appeared in the latents (try float32 or bfloat16 instead of float16).")

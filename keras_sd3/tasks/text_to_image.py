@@ -1,5 +1,6 @@
 """`StableDiffusion3TextToImage`: prompts -> images (KerasHub's API)."""
 
+from keras_sd3 import sampling
 from keras_sd3.tasks.inputs import check_sampling
 from keras_sd3.tasks.task import GenerationTask
 
@@ -14,7 +15,7 @@ class StableDiffusion3TextToImage(GenerationTask):
 
     def generate(self, inputs=None, num_steps=None, guidance_scale=None, seed=None, latents=None, num_images=1,
                  embeddings=None, output="images", skip_layer_guidance=None, callback=None, progress=False,
-                 sampler="euler", shift=None):
+                 sampler="euler", shift=None, step_cache=None):
         """Generates images.
 
         Args:
@@ -34,16 +35,20 @@ class StableDiffusion3TextToImage(GenerationTask):
             sampler: "euler" (diffusers' default), "heun" (2 N - 1 model calls for N steps) or
                 "dpmpp_2m" (DPM-Solver++(2M), good images in fewer steps); see `keras_sd3.sampling.samplers`.
             shift: the schedule's shift (None: SD3's 3.0).
+            step_cache: None, a threshold or a `keras_sd3.sampling.StepCache`: reuse most of the MMDiT's
+                work between steps whose input barely changed (faster, slightly different images;
+                `StepCache()` is the default threshold).
 
         Returns:
             (H, W, 3) uint8 for one prompt string, else (B, H, W, 3); latents likewise.
         """
         num_steps, guidance_scale, skip_layer_guidance = self.settings(num_steps, guidance_scale, skip_layer_guidance)
         sampler, shift = check_sampling(sampler, shift)
+        step_cache = sampling.check_step_cache(step_cache)
         single, _, embeddings = self.prepare(inputs, ("prompts",), embeddings, num_images)
         batch = embeddings[0].shape[0]
         latents = self.noise(batch, seed) if latents is None else self.check_noise(latents, batch, "latents")
         outputs = self.run(latents, embeddings, num_steps, guidance_scale, output=output,
                            skip_layer_guidance=skip_layer_guidance, callback=callback, progress=progress,
-                           sampler=sampler, shift=shift)
+                           sampler=sampler, shift=shift, step_cache=step_cache)
         return self.unbatch(outputs, single, num_images)
