@@ -74,9 +74,13 @@ def test_steps_match_kerashub(kerashub_preset):
     for e, a in zip(expected, actual):
         assert_close(_np(a), _np(e), rel=1e-5)
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 16)).astype("float32")
-    for step, guidance in ((0, 4.0), (3, 7.0), (5, None)):
-        assert_close(_np(backbone.denoise_step(latents, actual, step, 6, guidance)),
-                     _np(hub.denoise_step(keras.ops.convert_to_tensor(latents), expected, step, 6, guidance)), rel=1e-5)
+    # Both steps get keras-hub's embeddings. Guidance g multiplies the two passes' float32 rounding
+    # differences by g: at g = 7 the step differs by 0.6-0.8e-5 relative on every backend (once 1.06e-5
+    # on tensorflow, whose oneDNN matmuls round differently under load), hence 2e-5 there, 1e-5 elsewhere.
+    for step, guidance, tolerance in ((0, 4.0, 1e-5), (3, 7.0, 2e-5), (5, None, 1e-5)):
+        assert_close(_np(backbone.denoise_step(latents, expected, step, 6, guidance)),
+                     _np(hub.denoise_step(keras.ops.convert_to_tensor(latents), expected, step, 6, guidance)),
+                     rel=tolerance)
     assert_close(_np(backbone.decode_step(latents)), _np(hub.decode_step(keras.ops.convert_to_tensor(latents))), rel=1e-5)
 
 
