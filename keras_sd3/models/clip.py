@@ -10,7 +10,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from keras_sd3.models.layers import LayerNorm, dense, multi_head_attention
+from keras_sd3.models.layers import Layer, LayerNorm, dense, multi_head_attention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
@@ -55,7 +55,7 @@ class CLIPConfig:
         return cls(**{name: config[name] for name in names if config.get(name) is not None})
 
 
-class Embedding(keras.layers.Layer):
+class Embedding(Layer):
     """A lookup table stored as `weight` (rows = ids)."""
 
     def __init__(self, count, dim, **kwargs):
@@ -67,7 +67,7 @@ class Embedding(keras.layers.Layer):
         return ops.take(self.weight, ops.cast(ids, "int32"), axis=0)
 
 
-class CLIPEmbeddings(keras.layers.Layer):
+class CLIPEmbeddings(Layer):
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
         self.token_embedding = Embedding(config.vocab_size, config.hidden_size, dtype=self.dtype_policy)
@@ -79,7 +79,7 @@ class CLIPEmbeddings(keras.layers.Layer):
         return self.token_embedding(ids) + self.position_embedding(positions)[None]
 
 
-class CLIPAttention(keras.layers.Layer):
+class CLIPAttention(Layer):
     """Causal multi-head self-attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`)."""
 
     def __init__(self, dim, heads, **kwargs):
@@ -93,7 +93,7 @@ class CLIPAttention(keras.layers.Layer):
         return self.out_proj(out)
 
 
-class CLIPMLP(keras.layers.Layer):
+class CLIPMLP(Layer):
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
         self.activation = ACTIVATIONS[config.hidden_act]
@@ -105,7 +105,7 @@ class CLIPMLP(keras.layers.Layer):
         return self.fc2(self.activation(self.fc1(x)))
 
 
-class CLIPEncoderLayer(keras.layers.Layer):
+class CLIPEncoderLayer(Layer):
     """Pre-LayerNorm transformer layer."""
 
     def __init__(self, config, **kwargs):
@@ -122,14 +122,14 @@ class CLIPEncoderLayer(keras.layers.Layer):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPEncoder(keras.layers.Layer):
+class CLIPEncoder(Layer):
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
         self.layers = [CLIPEncoderLayer(config, dtype=self.dtype_policy) for _ in range(config.num_hidden_layers)]
         self.built = True
 
 
-class CLIPTextTransformer(keras.layers.Layer):
+class CLIPTextTransformer(Layer):
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
         self.embeddings = CLIPEmbeddings(config, dtype=self.dtype_policy)
@@ -138,7 +138,7 @@ class CLIPTextTransformer(keras.layers.Layer):
         self.built = True
 
 
-class CLIPTextEncoder(keras.layers.Layer):
+class CLIPTextEncoder(Layer):
     """CLIP text encoder with projection, returning SD3's features.
 
     Args:

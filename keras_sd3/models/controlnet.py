@@ -21,7 +21,7 @@ import keras
 from keras import ops
 
 from keras_sd3.models.config import MMDiTConfig
-from keras_sd3.models.layers import Attention, FeedForward, Modulation, conv, dense, layer_norm, modulate
+from keras_sd3.models.layers import Attention, FeedForward, Layer, Modulation, conv, dense, layer_norm, modulate
 from keras_sd3.models.mmdit import JointBlock, PatchEmbed, TimeTextEmbed
 from keras_sd3.weights.assign import build_then_load, load_layer_weights
 from keras_sd3.weights.safetensors_file import CheckpointError, open_safetensors, open_weights
@@ -128,7 +128,7 @@ class ControlNetConfig:
         )
 
 
-class SingleBlock(keras.layers.Layer):
+class SingleBlock(Layer):
     """diffusers' `SD3SingleTransformerBlock`: adaLN-modulated self-attention and MLP on image tokens only."""
 
     def __init__(self, config, **kwargs):
@@ -146,7 +146,7 @@ class SingleBlock(keras.layers.Layer):
         return x, context
 
 
-class ConditionEmbed(keras.layers.Layer):
+class ConditionEmbed(Layer):
     """Patchify of the control latents without a position table (`pos_embed_input`)."""
 
     def __init__(self, config, **kwargs):
@@ -161,7 +161,7 @@ class ConditionEmbed(keras.layers.Layer):
         return ops.reshape(x, (ops.shape(x)[0], -1, ops.shape(x)[-1]))  # (B, N, D)
 
 
-class SD3ControlNet(keras.layers.Layer):
+class SD3ControlNet(Layer):
     """An SD3 / SD3.5 ControlNet: latents and control latents -> one (B, N, D) residual per block.
 
     Args:

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sd3.models.layers import Attention, FeedForward, Modulation, conv, dense, layer_norm, modulate
+from keras_sd3.models.layers import Attention, FeedForward, Layer, Modulation, conv, dense, layer_norm, modulate
 
 
 def timestep_sinusoid(timestep, dim=256, max_period=10000.0):
@@ -46,7 +46,7 @@ def controlnet_residual_index(index, num_blocks, num_residuals):
     return int(index / (num_blocks / num_residuals))
 
 
-class PatchEmbed(keras.layers.Layer):
+class PatchEmbed(Layer):
     """Patchify (2x2 conv) plus the centre crop of the stored P x P position table."""
 
     def __init__(self, config, **kwargs):
@@ -72,7 +72,7 @@ class PatchEmbed(keras.layers.Layer):
         return ops.reshape(x, (-1, h * w, dim)) + ops.cast(pos, x.dtype)
 
 
-class MLPEmbedder(keras.layers.Layer):
+class MLPEmbedder(Layer):
     """Linear -> SiLU -> Linear (`linear_1`, `linear_2`)."""
 
     def __init__(self, in_dim, dim, **kwargs):
@@ -85,7 +85,7 @@ class MLPEmbedder(keras.layers.Layer):
         return self.linear_2(ops.silu(self.linear_1(x)))
 
 
-class TimeTextEmbed(keras.layers.Layer):
+class TimeTextEmbed(Layer):
     """`temb = MLP(sinusoid(t)) + MLP(pooled text)`."""
 
     def __init__(self, config, **kwargs):
@@ -99,7 +99,7 @@ class TimeTextEmbed(keras.layers.Layer):
         return self.timestep_embedder(t) + self.text_embedder(pooled)
 
 
-class JointBlock(keras.layers.Layer):
+class JointBlock(Layer):
     """One MMDiT block: adaLN-modulated joint attention and MLPs for the image and context streams.
 
     The last block (`context_pre_only`) only updates the image stream; a dual-attention block
@@ -145,7 +145,7 @@ class JointBlock(keras.layers.Layer):
         return x, context
 
 
-class MMDiT(keras.layers.Layer):
+class MMDiT(Layer):
     """The SD3 diffusion transformer: predicts the flow-matching velocity.
 
     Args:

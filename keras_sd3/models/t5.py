@@ -13,7 +13,7 @@ from keras import ops
 
 from keras_sd3.backend import attention
 from keras_sd3.models.clip import Embedding
-from keras_sd3.models.layers import RMSNorm, dense
+from keras_sd3.models.layers import Layer, RMSNorm, dense
 
 
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
@@ -65,7 +65,7 @@ def relative_position_buckets(length, num_buckets=32, max_distance=128):
     return (buckets + np.where(distance < exact, distance, large)).astype(np.int32)
 
 
-class T5Attention(keras.layers.Layer):
+class T5Attention(Layer):
     """Unscaled multi-head self-attention (`q`, `k`, `v`, `o`); block 0 owns the position table."""
 
     def __init__(self, config, has_position_table, **kwargs):
@@ -94,7 +94,7 @@ class T5Attention(keras.layers.Layer):
         return self.o(ops.reshape(out, (batch, -1, heads * head_dim)))
 
 
-class T5SelfAttentionLayer(keras.layers.Layer):
+class T5SelfAttentionLayer(Layer):
     checkpoint_aliases = {"attention": "SelfAttention"}
 
     def __init__(self, config, has_position_table, **kwargs):
@@ -107,7 +107,7 @@ class T5SelfAttentionLayer(keras.layers.Layer):
         return x + self.attention(self.layer_norm(x), bias)
 
 
-class T5GatedFeedForward(keras.layers.Layer):
+class T5GatedFeedForward(Layer):
     """`wo(gelu(wi_0 x) * wi_1 x)`, the tanh GELU unless `dense_act_fn` is "gelu"."""
 
     def __init__(self, config, **kwargs):
@@ -122,7 +122,7 @@ class T5GatedFeedForward(keras.layers.Layer):
         return self.wo(ops.gelu(self.wi_0(x), approximate=self.approximate) * self.wi_1(x))
 
 
-class T5FeedForwardLayer(keras.layers.Layer):
+class T5FeedForwardLayer(Layer):
     checkpoint_aliases = {"feed_forward": "DenseReluDense"}
 
     def __init__(self, config, **kwargs):
@@ -135,7 +135,7 @@ class T5FeedForwardLayer(keras.layers.Layer):
         return x + self.feed_forward(self.layer_norm(x))
 
 
-class T5Block(keras.layers.Layer):
+class T5Block(Layer):
     def __init__(self, config, index, **kwargs):
         super().__init__(**kwargs)
         policy = self.dtype_policy
@@ -146,7 +146,7 @@ class T5Block(keras.layers.Layer):
         return self.layer[1](self.layer[0](x, bias))
 
 
-class T5Stack(keras.layers.Layer):
+class T5Stack(Layer):
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
         self.block = [T5Block(config, i, dtype=self.dtype_policy) for i in range(config.num_layers)]
@@ -154,7 +154,7 @@ class T5Stack(keras.layers.Layer):
         self.built = True
 
 
-class T5Encoder(keras.layers.Layer):
+class T5Encoder(Layer):
     """T5 encoder: (B, T) token ids -> (B, T, d_model) last hidden state (after the final norm).
 
     Args:

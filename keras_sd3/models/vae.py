@@ -6,10 +6,10 @@ Attribute names follow the diffusers state dict (`encoder.down_blocks.0.resnets.
 import keras
 from keras import ops
 
-from keras_sd3.models.layers import Attention, GroupNorm, conv
+from keras_sd3.models.layers import Attention, GroupNorm, Layer, conv
 
 
-class ResnetBlock(keras.layers.Layer):
+class ResnetBlock(Layer):
     """norm -> SiLU -> conv3x3 -> norm -> SiLU -> conv3x3, plus a (1x1-projected) residual."""
 
     def __init__(self, in_channels, out_channels, groups, **kwargs):
@@ -28,7 +28,7 @@ class ResnetBlock(keras.layers.Layer):
         return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
-class Downsample(keras.layers.Layer):
+class Downsample(Layer):
     """Pad right and bottom by one, then a 3x3 stride-2 conv."""
 
     def __init__(self, channels, **kwargs):
@@ -40,7 +40,7 @@ class Downsample(keras.layers.Layer):
         return self.conv(ops.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
 
 
-class Upsample(keras.layers.Layer):
+class Upsample(Layer):
     """Nearest-neighbour x2, then a 3x3 conv."""
 
     def __init__(self, channels, **kwargs):
@@ -66,7 +66,7 @@ class SpatialAttention(Attention):
         return x + ops.reshape(out, (-1, height, width, channels))
 
 
-class MidBlock(keras.layers.Layer):
+class MidBlock(Layer):
     """resnet -> attention -> resnet at the lowest resolution."""
 
     def __init__(self, channels, groups, **kwargs):
@@ -80,7 +80,7 @@ class MidBlock(keras.layers.Layer):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class ResolutionBlock(keras.layers.Layer):
+class ResolutionBlock(Layer):
     """A stack of resnets, then an optional resampler (`downsamplers` or `upsamplers` in the checkpoint)."""
 
     def __init__(self, in_channels, out_channels, num_resnets, groups, resample=None, **kwargs):
@@ -102,7 +102,7 @@ class ResolutionBlock(keras.layers.Layer):
         return x
 
 
-class Encoder(keras.layers.Layer):
+class Encoder(Layer):
     """Image (B, H, W, 3) -> (B, H/f, W/f, 2 * latent_channels) moments (mean ‖ logvar)."""
 
     def __init__(self, config, **kwargs):
@@ -129,7 +129,7 @@ class Encoder(keras.layers.Layer):
         return self.conv_out(ops.silu(self.conv_norm_out(x)))
 
 
-class Decoder(keras.layers.Layer):
+class Decoder(Layer):
     """Latents (B, h, w, latent_channels) -> image (B, f*h, f*w, 3) in about [-1, 1]."""
 
     def __init__(self, config, **kwargs):
@@ -156,7 +156,7 @@ class Decoder(keras.layers.Layer):
         return self.conv_out(ops.silu(self.conv_norm_out(x)))
 
 
-class VAE(keras.layers.Layer):
+class VAE(Layer):
     """The SD3 autoencoder; `encode` returns the posterior mean, `decode` the image.
 
     The latent shift / scale of SD3 is applied by the backbone's steps, not here.
