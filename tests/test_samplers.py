@@ -7,13 +7,18 @@ import numpy as np
 import pytest
 from conftest import IMAGE_SHAPE, LATENT_SHAPE, assert_close, to_nchw, to_nhwc
 from diffusers import DPMSolverMultistepScheduler, FlowMatchHeunDiscreteScheduler, StableDiffusion3Pipeline
-from test_tasks import assert_images_close, reference, setup  # noqa: F401  (the module's tiny pipeline)
+from test_tasks import assert_images_close, build_tasks, reference
 
 from keras_sd3 import sampling
 
 H, W, _ = IMAGE_SHAPE
 PROMPTS = ["a red circle on a blue background", "a small green triangle in the top left"]
 LATENT_TOLERANCE = 1e-4  # relative, every intermediate latent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_tasks(str(tmp_path_factory.mktemp("samplers")))
 
 
 def dpm_scheduler(shift=3.0):
@@ -79,7 +84,7 @@ def _diffusers_latents(pipe, scheduler, latents, **kwargs):
 
 @pytest.mark.parametrize("sampler, num_steps, guidance_scale", [("heun", 4, 5.0), ("dpmpp_2m", 6, 5.0),
                                                                 ("dpmpp_2m", 3, 1.0), ("heun", 1, 5.0)])
-def test_samplers_match_diffusers(setup, sampler, num_steps, guidance_scale):  # noqa: F811
+def test_samplers_match_diffusers(setup, sampler, num_steps, guidance_scale):
     pipe, tasks = setup
     latents = np.random.default_rng(3).standard_normal((len(PROMPTS), *LATENT_SHAPE)).astype(np.float32)
     ours_latents = []
@@ -97,7 +102,7 @@ def test_samplers_match_diffusers(setup, sampler, num_steps, guidance_scale):  #
     assert_images_close(ours, expected)
 
 
-def test_samplers_differ_and_do_not_recompile(setup):  # noqa: F811
+def test_samplers_differ_and_do_not_recompile(setup):
     _, tasks = setup
     task = tasks["text"]
     latents = np.random.default_rng(4).standard_normal((1, *LATENT_SHAPE)).astype(np.float32)
@@ -115,7 +120,7 @@ def test_samplers_differ_and_do_not_recompile(setup):  # noqa: F811
     (dict(shift=0), "shift must be a number > 0"),
     (dict(shift="3"), "shift must be a number > 0"),
 ])
-def test_bad_sampler_options(setup, kwargs, message):  # noqa: F811
+def test_bad_sampler_options(setup, kwargs, message):
     _, tasks = setup
     with pytest.raises(ValueError, match=message):
         tasks["text"].generate("a cat", num_steps=2, **kwargs)

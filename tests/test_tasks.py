@@ -22,7 +22,11 @@ PROMPTS = ["a red circle on a blue background", "a small green triangle in the t
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("tasks"))
+    return build_tasks(str(tmp_path_factory.mktemp("tasks")))
+
+
+def build_tasks(folder):
+    """(diffusers pipeline, {"text", "image", "inpaint": keras_sd3 task}) on the tiny checkpoint in `folder`."""
     pipe = build_pipeline(folder, with_t5=True)
     text_to_image = StableDiffusion3TextToImage.from_preset(folder, image_shape=IMAGE_SHAPE)
     backbone, preprocessor = text_to_image.backbone, text_to_image.preprocessor
