@@ -30,19 +30,35 @@ def linear(x, kernel, bias=None):
     EPYC); XLA:CPU has no half-precision GEMM of its own on any CPU (jax SD3-Medium block 1.40 s vs
     1.59 s in bfloat16), and tensorflow's eager bfloat16 matmul rounds partial sums to bfloat16.
     """
+    if keras.config.backend() == "torch":
+        return _torch_linear(x, kernel, bias)
     dtype = keras.backend.standardize_dtype(x.dtype)
     kernel, bias = ops.cast(kernel, dtype), None if bias is None else ops.cast(bias, dtype)
     if dtype in ("bfloat16", "float16") and _half_precision_gemm_is_slow(x, dtype):
         float32 = [None if a is None else ops.cast(a, "float32") for a in (x, kernel, bias)]
         return ops.cast(linear(*float32), dtype)
-    if keras.config.backend() == "torch":
-        import torch
-
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.mm(flat, kernel) if bias is None else torch.addmm(bias, flat, kernel)
-        return out.reshape(*x.shape[:-1], kernel.shape[-1])
     out = ops.matmul(x, kernel)
     return out if bias is None else out + bias
+
+
+def _torch_linear(x, kernel, bias):
+    """`linear` with torch's own calls only: it runs eagerly, so Keras' per-op dispatch would cost
+    more than the product itself on small layers."""
+    import torch
+
+    kernel, bias = _torch_tensor(kernel, x.dtype), None if bias is None else _torch_tensor(bias, x.dtype)
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+        if not _torch_cpu_has_native("bfloat16" if x.dtype == torch.bfloat16 else "float16"):
+            return _torch_linear(x.float(), kernel.float(), None if bias is None else bias.float()).to(x.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(flat, kernel) if bias is None else torch.addmm(bias, flat, kernel)
+    return out.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _torch_tensor(value, dtype):
+    """A Keras variable's value (autocast as Keras reads it) or a tensor, in `dtype`."""
+    value = value.value if isinstance(value, keras.Variable) else value
+    return value if value.dtype == dtype else value.to(dtype)
 
 
 def _half_precision_gemm_is_slow(x, dtype):
