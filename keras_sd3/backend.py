@@ -47,9 +47,9 @@ def _torch_linear(x, kernel, bias):
     import torch
 
     kernel, bias = _torch_tensor(kernel, x.dtype), None if bias is None else _torch_tensor(bias, x.dtype)
-    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        if not _torch_cpu_has_native("bfloat16" if x.dtype == torch.bfloat16 else "float16"):
-            return _torch_linear(x.float(), kernel.float(), None if bias is None else bias.float()).to(x.dtype)
+    half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(x.dtype)
+    if half and _half_precision_gemm_is_slow(x, half):
+        return _torch_linear(x.float(), kernel.float(), None if bias is None else bias.float()).to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
     out = torch.mm(flat, kernel) if bias is None else torch.addmm(bias, flat, kernel)
     return out.reshape(*x.shape[:-1], kernel.shape[-1])
