@@ -5,7 +5,7 @@ its own browser download is not used). Not collected by a plain `python -m pytes
 
     KERAS_BACKEND=torch python -m pytest -q tests/test_serve_browser.py
 
-Steps: start `keras-sd3 serve` on a free port, open the page, write a prompt, set 4 steps, press Generate,
+Steps: start `keras-sd3 serve` on a free port, open the page, write a prompt, set 40 steps, press Generate,
 record the progress bar's values, wait for the picture in the gallery and read its pixels from the page;
 "use these settings" fills the form back; then the inpainting tab: upload a picture, paint the top right
 of it with the mouse, Generate, and check the mask that was sent, the result inside and outside it, and
@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
 PROMPT = "a red circle on a blue background"
 INPAINT_PROMPT = "a small red square in the top right on a white background"
 TIMEOUT_MS = 180_000  # the first job loads the model; the machine may be busy
+STEPS = 40  # enough that the 0.1 s progress polling sees the job between its first and last step
 
 
 def free_port():
@@ -155,7 +157,7 @@ def check_page(page, server, tmp_path):
 
     # --- text to image, with the progress bar watched
     page.fill("#prompt", PROMPT)
-    page.fill("#num_steps", "4")
+    page.fill("#num_steps", str(STEPS))
     page.uncheck("#seed-random")
     page.fill("#seed", "3")
     record_progress(page)
@@ -170,7 +172,8 @@ def check_page(page, server, tmp_path):
     seen = page.evaluate("window.progressSeen")
     fractions = sorted({value / maximum for value, maximum, _ in seen})
     assert len(fractions) > 1 and any(0 < f < 1 for f in fractions), seen
-    assert any(status == "step 2 / 4" for _, _, status in seen), seen
+    assert any(re.fullmatch(rf"step ([1-9]\d*) / {STEPS}", status) and 0 < value < STEPS
+               for value, _, status in seen), seen
 
     pixels = image_pixels(page, f"{card} img")
     assert pixels.shape == (64, 64, 3)
@@ -178,7 +181,7 @@ def check_page(page, server, tmp_path):
     red, blue = pixels[24:40, 24:40].mean((0, 1)), pixels[:6, :6].mean((0, 1))
     assert red[0] > red[2] and blue[2] > blue[0], (red, blue)  # a red circle on a blue background
     meta = card_meta(page, card)
-    assert meta["seed"] == "3" and meta["steps"] == "4" and meta["size"] == "64 × 64", meta
+    assert meta["seed"] == "3" and meta["steps"] == str(STEPS) and meta["size"] == "64 × 64", meta
     assert meta["task"] == "text-to-image" and page.inner_text(f"{card} .card-prompt") == PROMPT
     assert page.get_attribute(f"{card} a[download]", "href").startswith("/api/v1/images/")
 
@@ -186,7 +189,7 @@ def check_page(page, server, tmp_path):
     page.fill("#prompt", "something else")
     page.check("#seed-random")
     page.click(f"{card} .use")
-    assert page.input_value("#prompt") == PROMPT and page.input_value("#num_steps") == "4"
+    assert page.input_value("#prompt") == PROMPT and page.input_value("#num_steps") == str(STEPS)
     assert page.input_value("#seed") == "3" and not page.is_checked("#seed-random")
 
     # --- inpainting: upload a picture, paint its top right with the mouse
