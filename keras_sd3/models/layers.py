@@ -10,7 +10,7 @@ import threading
 import keras
 from keras import ops
 
-from keras_sd3.backend import attention, linear
+from keras_sd3.backend import attention, linear, torch_conv2d, torch_group_norm
 
 _CALLS = threading.local()  # how deep this thread is inside keras_sd3 layers' calls
 _TORCH = keras.config.backend() == "torch"
@@ -48,7 +48,12 @@ class Layer(DirectCalls, keras.layers.Layer):
 
 
 class Conv2D(DirectCalls, keras.layers.Conv2D):
-    """`keras.layers.Conv2D` with `DirectCalls`."""
+    """`keras.layers.Conv2D` with `DirectCalls`; on torch its product is `torch_conv2d` (no layout copies)."""
+
+    def call(self, inputs):
+        if not _TORCH:
+            return super().call(inputs)
+        return torch_conv2d(inputs, self.kernel, self.bias if self.use_bias else None, self.strides, self.padding)
 
 
 class Linear(DirectCalls, keras.layers.Dense):
@@ -146,6 +151,8 @@ class GroupNorm(Layer):
         self.built = True
 
     def call(self, x):
+        if _TORCH:
+            return torch_group_norm(x, self.groups, self.weight, self.bias, self.epsilon)
         shape = ops.shape(x)
         grouped = ops.reshape(ops.cast(x, "float32"), (-1, shape[1], shape[2], self.groups, shape[3] // self.groups))
         mean, variance = ops.moments(grouped, axes=(1, 2, 4), keepdims=True)
