@@ -9,6 +9,7 @@ task (e.g. `StableDiffusion3TextToImage`, which also encodes prompts) or a bare
 import numpy as np
 from keras import ops
 
+from keras_sd3.distribution import batch_axis_size, pad_batch
 from keras_sd3.explore.interpolation import (
     circular_noise,
     frame_noise,
@@ -32,7 +33,7 @@ def as_task(model):
     raise TypeError(f"model must be a keras_sd3 task or StableDiffusion3Backbone, got {type(model).__name__}.")
 
 
-def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidance_scale=None, batch_size=4,
+def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidance_scale=None, batch_size=None,
                              progress=False):
     """The latent-walk guide's `generate_with_latents_and_embeddings` for any number of frames.
 
@@ -47,7 +48,8 @@ def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidanc
             batch N or 1 (shared).
         num_steps: denoising steps (default: the task's preset default, else 28).
         guidance_scale: classifier-free guidance, <= 1 disables it (default: the preset's, else 7).
-        batch_size: frames per compiled call.
+        batch_size: frames per compiled call (default 4, rounded up to a multiple of the devices' batch
+            axis under a `keras.distribution`, whose devices then share each call's frames).
         progress: draw a progress bar (batches) on stderr.
 
     Returns:
@@ -56,6 +58,9 @@ def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidanc
     task = as_task(model)
     if len(embeddings) != 4:
         raise ValueError("embeddings must be the 4-tuple (positive, negative, positive_pooled, negative_pooled).")
+    if batch_size is None:
+        groups = batch_axis_size()
+        batch_size = -(-4 // groups) * groups
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     latents = np.asarray(latents, np.float32)
@@ -66,7 +71,7 @@ def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidanc
         raise ValueError(f"latents and embeddings must have batch 1 or one common N, got batches {sorted(sizes)}.")
     frames = sizes.pop() if sizes else 1
     batches = -(-frames // batch_size)
-    tensors = [_pad_batch(x, batches * batch_size) for x in tensors]
+    tensors = [pad_batch(x, batches * batch_size) for x in tensors]
     num_steps, guidance_scale, _ = task.settings(num_steps, guidance_scale, None)
     images = []
     for i in range(batches):
@@ -75,14 +80,6 @@ def generate_from_embeddings(model, latents, embeddings, num_steps=None, guidanc
         if progress:
             progress_bar(i + 1, batches)
     return np.concatenate(images)[:frames]
-
-
-def _pad_batch(x, size):
-    """Repeats a batch-1 tensor to `size`, or pads a batch-N tensor with copies of its last element."""
-    count = int(x.shape[0])
-    if count == 1:
-        return ops.repeat(x, size, axis=0)
-    return x if count == size else ops.concatenate([x, ops.repeat(x[-1:], size - count, axis=0)], axis=0)
 
 
 def _encode(task, prompts, negative_prompt):

@@ -15,7 +15,7 @@ from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
 from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.models.vae import VAE
-from keras_sd3.weights.assign import build_then_load, load_layer_weights
+from keras_sd3.weights.assign import build_then_load, load_layer_weights, set_checkpoint_paths
 
 TEXT_ENCODERS = {"clip_l": (CLIPConfig, CLIPTextEncoder), "clip_g": (CLIPConfig, CLIPTextEncoder), "t5": (T5Config, T5Encoder)}
 
@@ -90,6 +90,26 @@ class StableDiffusion3Backbone(keras.Model):
             else:
                 setattr(self, name, None)
         self.built = True
+        self._lay_out()
+
+    def _lay_out(self):
+        """Checkpoint-named variable paths, and the variables' layouts under a `keras.distribution`."""
+        from keras_sd3.distribution.layout import apply_layouts
+
+        for name in ("diffuser", "vae", *TEXT_ENCODERS):
+            if getattr(self, name) is not None:
+                set_checkpoint_paths(getattr(self, name), name)
+        heads = {name: config.num_heads if name == "t5" else config.num_attention_heads
+                 for name, config in self.text_configs.items()}
+        apply_layouts(self, dict(heads, diffuser=self.mmdit_config.num_attention_heads, vae=1))
+
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
+        """The model-parallel `keras.distribution.LayoutMap` (see `keras_sd3.distribution.layout`) for
+        `keras.distribution.ModelParallel(layout_map=..., batch_dim_name=data_parallel_dim_name)`."""
+        from keras_sd3.distribution.layout import get_layout_map
+
+        return get_layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
 
     @classmethod
     def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=None):

@@ -12,6 +12,16 @@ from keras import ops
 
 from keras_sd3.models.layers import Layer, LayerNorm, dense, multi_head_attention
 
+# How `keras_sd3.distribution` splits a CLIP encoder over the model axis (see `keras_sd3.models.mmdit.LAYOUT`).
+LAYOUT = (
+    (r"text_model/encoder/layers_\d+/self_attn/(q_proj|k_proj|v_proj)", "head_columns"),
+    (r"text_model/encoder/layers_\d+/self_attn/out_proj", "head_rows"),
+    (r"text_model/encoder/layers_\d+/mlp/fc1", "columns"),
+    (r"text_model/encoder/layers_\d+/mlp/fc2", "rows"),
+    (r"text_model/embeddings/(token_embedding|position_embedding)", "table"),
+    (r"text_projection", "columns"),
+)
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * ops.sigmoid(1.702 * x),
     "gelu": lambda x: ops.gelu(x, approximate=False),

@@ -13,6 +13,19 @@ from keras import ops
 
 from keras_sd3.models.layers import Attention, FeedForward, Layer, Modulation, conv, dense, layer_norm, modulate
 
+# How `keras_sd3.distribution` splits the MMDiT over a mesh's model axis (Megatron style): a regex of a
+# layer's path inside the MMDiT -> how its kernel is split (see `keras_sd3.distribution.layout`).
+# Everything else (timestep / pooled embedders, patch conv, proj_out, qk norms) is replicated.
+LAYOUT = (
+    (r"transformer_blocks_\d+/(norm1|norm1_context)/linear|norm_out/linear", "columns"),  # adaLN, by output
+    (r"transformer_blocks_\d+/attn2?/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)", "head_columns"),
+    (r"transformer_blocks_\d+/attn2?/(to_out_0|to_add_out)", "head_rows"),
+    (r"transformer_blocks_\d+/(ff|ff_context)/net_0/proj", "columns"),
+    (r"transformer_blocks_\d+/(ff|ff_context)/net_2", "rows"),
+    (r"context_embedder", "columns"),
+    (r"pos_embed", "positions"),  # the (1, positions, D) table
+)
+
 
 def timestep_sinusoid(timestep, dim=256, max_period=10000.0):
     """Sinusoidal timestep features in [cos, sin] order (diffusers `flip_sin_to_cos=True`), float32."""

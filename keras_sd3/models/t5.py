@@ -15,6 +15,16 @@ from keras_sd3.backend import attention
 from keras_sd3.models.clip import Embedding
 from keras_sd3.models.layers import Layer, RMSNorm, dense
 
+# How `keras_sd3.distribution` splits T5 over the model axis (see `keras_sd3.models.mmdit.LAYOUT`); the
+# relative position bias table (buckets x heads) and the norms are replicated.
+LAYOUT = (
+    (r"encoder/block_\d+/layer_0/SelfAttention/(q|k|v)", "head_columns"),
+    (r"encoder/block_\d+/layer_0/SelfAttention/o", "head_rows"),
+    (r"encoder/block_\d+/layer_1/DenseReluDense/(wi_0|wi_1)", "columns"),
+    (r"encoder/block_\d+/layer_1/DenseReluDense/wo", "rows"),
+    (r"shared", "table"),
+)
+
 
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 

@@ -8,6 +8,10 @@ from keras import ops
 
 from keras_sd3.models.layers import Attention, GroupNorm, Layer, conv
 
+# The VAE is replicated by `keras_sd3.distribution` (84 M parameters: 168 MB in bfloat16 on every device;
+# splitting its convolutions' channels would gather full-resolution feature maps at every layer).
+LAYOUT = ()
+
 
 class ResnetBlock(Layer):
     """norm -> SiLU -> conv3x3 -> norm -> SiLU -> conv3x3, plus a (1x1-projected) residual."""

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from keras import ops
 
-from keras_sd3 import presets, sampling
+from keras_sd3 import distribution, presets, sampling
 from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.tasks.inputs import check_guidance_scale, check_num_steps, check_sampling, parse_prompts
 from keras_sd3.tasks.loop import CompiledSteps, initial_state, scalar
@@ -134,6 +134,9 @@ class GenerationTask:
         skip_layer_guidance = skip_layer_guidance or None
         zeros = np.zeros((latents.shape[0], *self.backbone.latent_shape[:2], 1), np.float32)
         noise, image_latents, mask = inpaint if inpaint is not None else (latents, latents, zeros)
+        batch = latents.shape[0]
+        latents, embeddings, noise, image_latents, mask = split_over_devices(
+            latents, embeddings, noise, image_latents, mask)
         use_cfg = guidance_scale > 1.0
         options = dict(use_cfg=use_cfg, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance,
                        sampler=sampler, shift=shift, use_step_cache=step_cache is not None)
@@ -145,8 +148,9 @@ class GenerationTask:
             (h, w, _), config = self.backbone.latent_shape, self.backbone.mmdit_config
             tokens = (h // config.patch_size) * (w // config.patch_size)
             cache_shape = (latents.shape[0] * (2 if use_cfg else 1), tokens, config.hidden_size)
-        return self.run_program(self.compiled, latents, (embeddings, *args), start, num_steps, guidance_scale, output,
-                                callback, progress, cache_shape, **options)
+        outputs = self.run_program(self.compiled, latents, (embeddings, *args), start, num_steps, guidance_scale,
+                                   output, callback, progress, cache_shape, **options)
+        return outputs[:batch]
 
     def run_program(self, program, latents, inputs, start, num_steps, guidance_scale, output, callback, progress,
                     cache_shape=None, **options):
@@ -176,3 +180,14 @@ class GenerationTask:
     @staticmethod
     def unbatch(outputs, single, num_images):
         return outputs[0] if single and num_images == 1 else outputs
+
+
+def split_over_devices(latents, embeddings, *batched):
+    """The run's inputs padded to a multiple of the devices' batch axis and split over it
+    (`keras_sd3.distribution`); unchanged on one device. Returns `(latents, embeddings, *batched)`."""
+    groups = distribution.batch_axis_size()
+    if groups == 1:
+        return (latents, embeddings, *batched)
+    size = -(-latents.shape[0] // groups) * groups
+    pad = lambda x: distribution.split_batch(distribution.pad_batch(ops.convert_to_tensor(x), size))  # noqa: E731
+    return (pad(latents), tuple(pad(e) for e in embeddings), *(pad(x) for x in batched))

@@ -70,6 +70,23 @@ def named_variables(layer, prefix=""):
                     yield from named_variables(item, f"{key}.{i}.")
 
 
+def set_checkpoint_paths(layer, root):
+    """Gives every variable of `layer` the path of its checkpoint key under `root`:
+    `transformer_blocks.3.attn.to_q.weight` -> `<root>/transformer_blocks_3/attn/to_q/kernel`.
+
+    Keras names paths after its automatic layer names (`linear_57/kernel`); these are the names that
+    `keras.distribution.LayoutMap` rules match (`keras_sd3.distribution.layout`).
+    """
+    for key, variable, _ in named_variables(layer):
+        parts = []
+        for piece in key.split(".")[:-1]:
+            if piece.isdigit() and parts:
+                parts[-1] += f"_{piece}"
+            else:
+                parts.append(piece)
+        variable._path = "/".join([root, *parts, variable.name])
+
+
 def _describe(keys, limit=5):
     keys = sorted(keys)
     more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
@@ -120,6 +137,8 @@ def _pending():
 
 def _set_value(var, value):
     if var._value is None:  # created by `build_then_load`: the checkpoint's tensor is its first value
+        layout = getattr(var, "_layout", None)  # under a keras.distribution: straight into its shards
+        value = keras.distribution.distribute_tensor(value, layout) if layout is not None else value
         var._initialize(var._convert_to_tensor(value, dtype=var.dtype))
         var._initializer = None
     else:

@@ -1,0 +1,185 @@
+"""keras_sd3 on 8 forced XLA CPU devices against one device: run by test_distribution.py as
+
+    KERAS_BACKEND=jax python tests/distribution_check.py FOLDER > results.json
+
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8` is set here, before jax starts, so the rest of the
+suite keeps its one device.) Prints one JSON object of measurements; the test holds the tolerances.
+
+- ModelParallel on (2, 4) and (4, 2) meshes (and (1, 8) for SD3), tiny checkpoints of the three variants with 8 heads
+  everywhere (written here with diffusers / transformers): `encode_text_step`, `denoise_step` with
+  guidance and skip-layer guidance, `decode_step` -> the largest difference relative to the largest
+  value of one device's output; every variable's sharding against the layout map; the size of each
+  device's shard of every split variable; the bytes that went from the host to one device while loading
+  (a whole tensor on one device first, then split, would count; straight into shards does not).
+- DataParallel-style (8 x 1 mesh) on the embedded model: text-to-image of 8 prompts and a 16-frame
+  circular walk -> the largest pixel difference to one device.
+- Bad meshes -> the error messages.
+"""
+
+import json
+import os
+import sys
+
+# (optimisation level 0: both sides compile the same way, and this takes a third less time)
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=8"
+                                                             " --xla_backend_optimization_level=0")
+os.environ["KERAS_BACKEND"] = "jax"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import conftest  # noqa: E402
+import tiny_text  # noqa: E402
+from keras_sd3 import distribution, explore, sampling  # noqa: E402
+from keras_sd3.backend import compile_function  # noqa: E402
+from keras_sd3.models import StableDiffusion3Backbone, StableDiffusion3TextToImage  # noqa: E402
+from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor  # noqa: E402
+
+MESHES = {"sd3": ((2, 4), (4, 2), (1, 8)), "sd35_medium": ((2, 4), (4, 2)), "sd35_large": ((2, 4), (4, 2))}
+PROMPTS = ["a red circle on a blue background", "a small green square"]
+EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras_sd3", "embedded",
+                        "sd3_tiny_shapes")
+
+
+def eight_heads():
+    """Tiny configs whose every attention has 8 heads (so that 4 and 8 devices divide them)."""
+    for config in conftest.VARIANTS.values():
+        config.update(num_attention_heads=8, attention_head_dim=16)  # hidden 128 = caption_projection_dim
+    tiny_text.CLIP_L = dict(tiny_text.CLIP_L, num_attention_heads=8)
+    tiny_text.CLIP_G = dict(tiny_text.CLIP_G, num_attention_heads=8)
+    tiny_text.T5 = dict(tiny_text.T5, num_heads=8)
+
+
+def set_mesh(shape):
+    if shape is None:
+        keras.distribution.set_distribution(None)
+        return
+    mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], keras.distribution.list_devices())
+    layout_map = StableDiffusion3Backbone.get_layout_map(mesh)
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+
+
+class HostToOneDevice:
+    """Counts the bytes of NumPy arrays that reach a device other than through a sharding over the mesh."""
+
+    def __enter__(self):
+        self.bytes, self.real = 0, (jax.device_put, jax.numpy.asarray, jax.numpy.array)
+        put, asarray, array = self.real
+
+        def device_put(x, device=None, *args, **kwargs):
+            if not isinstance(device, jax.sharding.NamedSharding):
+                self.count(x)
+            return put(x, device, *args, **kwargs)
+
+        def counted(function):
+            return lambda x, *args, **kwargs: (self.count(x), function(x, *args, **kwargs))[1]
+
+        jax.device_put, jax.numpy.asarray, jax.numpy.array = device_put, counted(asarray), counted(array)
+        return self
+
+    def count(self, x):
+        if isinstance(x, np.ndarray) and x.size > 1:
+            self.bytes += x.nbytes
+
+    def __exit__(self, *exc):
+        jax.device_put, jax.numpy.asarray, jax.numpy.array = self.real
+
+
+def steps(backbone, ids, negative_ids, latents):
+    slg = sampling.SkipLayerGuidance(layers=(1,), scale=2.0, start=0.0, stop=1.0)
+
+    def run(ids, negative_ids, latents):
+        embeddings = backbone.encode_text_step(ids, negative_ids)
+        denoised = backbone.denoise_step(latents, embeddings, 1, 4, guidance_scale=5.0, skip_layer_guidance=slg)
+        return (*embeddings, denoised, backbone.decode_step(latents))
+
+    outputs = compile_function(backbone, run)(ids, negative_ids, latents)
+    return [np.asarray(keras.ops.convert_to_numpy(x), np.float64) for x in outputs]
+
+
+def shardings(backbone, layout_map):
+    """(variables whose sharding differs from the layout map's, split variables whose per-device shard is
+    not 1/model of them, number of split variables)."""
+    wrong, uneven, split = [], [], 0
+    model = dict(zip(layout_map.device_mesh.axis_names, layout_map.device_mesh.shape))["model"]
+    for variable in backbone.variables:
+        layout = layout_map[variable.path]
+        axes = tuple(layout.axes) if layout is not None else (None,) * len(variable.shape)
+        if any(axis and variable.shape[d] % model for d, axis in enumerate(axes)):
+            axes = (None,) * len(variable.shape)  # a table the model axis does not divide: replicated
+        spec = tuple(variable.value.sharding.spec) + (None,) * (len(variable.shape) - len(variable.value.sharding.spec))
+        if spec != axes:
+            wrong.append(f"{variable.path}: {spec} != {axes}")
+        if "model" in axes:
+            split += 1
+            if any(s.data.size * model != np.prod(variable.shape) for s in variable.value.addressable_shards):
+                uneven.append(variable.path)
+    return wrong, uneven, split
+
+
+def model_parallel(root):
+    eight_heads()
+    rng = np.random.default_rng(0)
+    results = {}
+    for variant in sorted(conftest.VARIANTS):
+        folder = os.path.join(root, variant)
+        tiny_text.build_pipeline(folder, with_t5=True, variant=variant)
+        preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(folder)
+        ids, negative_ids = preprocessor.generate_preprocess(PROMPTS), preprocessor.generate_preprocess(["", "blurry"])
+        latents = rng.standard_normal((2, *conftest.LATENT_SHAPE)).astype("float32")
+        set_mesh(None)
+        expected = steps(StableDiffusion3Backbone.from_preset(folder, image_shape=conftest.IMAGE_SHAPE), ids,
+                         negative_ids, latents)
+        for shape in MESHES[variant]:
+            set_mesh(shape)
+            with HostToOneDevice() as host:
+                backbone = StableDiffusion3Backbone.from_preset(folder, image_shape=conftest.IMAGE_SHAPE)
+            wrong, uneven, split = shardings(backbone, keras.distribution.distribution()._layout_map)
+            got = steps(backbone, ids, negative_ids, latents)
+            names = ("positive", "negative", "positive_pooled", "negative_pooled", "denoise", "decode")
+            results[f"{variant} {shape[0]}x{shape[1]}"] = {
+                "relative_difference": {n: float(np.abs(g - e).max() / np.abs(e).max())
+                                        for n, g, e in zip(names, got, expected)},
+                "wrong_shardings": wrong, "uneven_shards": uneven, "split_variables": split,
+                "bytes_host_to_one_device": host.bytes,
+            }
+    set_mesh(None)
+    return results
+
+
+def data_parallel():
+    prompts = [f"a {c} {s} on a white background" for c in ("red", "blue") for s in ("circle", "square", "triangle", "star")]
+    results = {}
+    for shape in (None, (8, 1)):
+        set_mesh(shape)
+        task = StableDiffusion3TextToImage.from_preset(EMBEDDED)
+        images = task.generate(prompts, num_steps=4, seed=0)
+        frames = explore.circular_walk(task, "a red circle on a blue background", 16, seed=1, num_steps=2)
+        results[shape] = (images.astype(int), frames.astype(int))
+    (images, frames), (split_images, split_frames) = results[None], results[(8, 1)]
+    set_mesh(None)
+    return {"images": int(np.abs(images - split_images).max()), "frames": int(np.abs(frames - split_frames).max()),
+            "shapes": [list(split_images.shape), list(split_frames.shape)]}
+
+
+def bad_meshes():
+    errors = {}
+    mesh = keras.distribution.DeviceMesh((2, 4), ["data", "model"], keras.distribution.list_devices())
+    try:
+        StableDiffusion3Backbone.get_layout_map(mesh)
+    except ValueError as error:
+        errors["no batch axis"] = str(error)
+    set_mesh((2, 4))  # the embedded model's MMDiT has 2 heads
+    try:
+        StableDiffusion3TextToImage.from_preset(EMBEDDED)
+    except ValueError as error:
+        errors["heads"] = str(error)
+    set_mesh(None)
+    return errors
+
+
+if __name__ == "__main__":
+    print(json.dumps({"devices": len(jax.devices()), "model_parallel": model_parallel(sys.argv[1]),
+                      "data_parallel": data_parallel(), "errors": bad_meshes()}))
