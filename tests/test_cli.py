@@ -174,6 +174,11 @@ def model_never_loads(monkeypatch):
         (["paint", "x"], "invalid choice: 'paint'"),
         (["generate", "x", "--sampler", "ddim"], "--sampler: invalid choice: 'ddim'"),
         (["img2img", "x", "--image", "{image}", "--shift", "0"], "--shift must be a number > 0, got '0'"),
+        (["generate", "x", "--mesh", "2y1"], "--mesh: A mesh is 'BxM' with B images at a time"),
+        (["walk", "x", "--to", "y", "--kind", "circular"], "--to goes with --kind interpolate"),
+        (["walk", "x", "--kind", "interpolate"], "--to goes with --kind interpolate (and it needs --to)"),
+        (["walk", "x", "-o", "walk.jpg"], "-o/--output must end in .gif, .mp4, .webm, .mov, .png, got 'walk.jpg'"),
+        (["walk", "x", "--frames", "1"], "--frames must be an integer >= 2, got '1'"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_before_loading(args, message, picture, tmp_path, capsys,
@@ -289,3 +294,26 @@ def test_sampler_and_shift_options_give_the_api_image(tmp_path):
     expected = task.generate({"prompts": "a red circle on a blue background", "negative_prompts": ""}, num_steps=4,
                              seed=2, sampler="dpmpp_2m", shift=2.5)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_mesh_needs_the_devices_and_jax(tmp_path, capsys, model_never_loads):
+    import keras
+
+    code = run_cli("generate", "x", "--mesh", "2x1", "-o", str(tmp_path / "x.png"))
+    assert code == 2
+    expected = "needs 2 devices; there are 1" if keras.config.backend() == "jax" else "feature of Keras' jax backend"
+    assert expected in error_line(capsys)
+
+
+def test_walk_writes_the_frames_of_the_library(tmp_path):
+    """`walk` = `keras_sd3.explore` on the same settings (a lossless .png contact sheet)."""
+    from keras_sd3 import explore
+
+    out = str(tmp_path / "walk.png")
+    prompt = "a red circle on a blue background"
+    assert run_cli("walk", prompt, "--to", "a green square on a white background", "--frames", "3", "--steps", "2",
+                   "--seed", "5", "-o", out) == 0
+    task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes")
+    frames = explore.interpolate_prompts(task, prompt, "a green square on a white background", 3, seed=5, num_steps=2)
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), media.make_grid(frames, padding=2))
+    assert media.read_metadata(out)["kind"] == "interpolate"

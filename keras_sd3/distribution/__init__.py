@@ -15,10 +15,16 @@ not divide is padded with copies of its last image, which are dropped afterwards
 
 import re
 
-import keras
 import numpy as np
 
-from keras_sd3.distribution.layout import get_layout_map  # noqa: F401
+# (Keras is imported inside the functions: the command line parses a mesh before choosing the backend.)
+
+
+def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
+    """`StableDiffusion3Backbone.get_layout_map` (see `keras_sd3.distribution.layout`)."""
+    from keras_sd3.distribution.layout import get_layout_map
+
+    return get_layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
 
 
 def parse_mesh(text):
@@ -40,6 +46,8 @@ def mesh_distribution(batch, model):
     Raises:
         ValueError: not the jax backend, or fewer than B x M devices.
     """
+    import keras
+
     if keras.config.backend() != "jax":
         raise ValueError(f"Spreading a model over devices is a feature of Keras' jax backend; this is "
                          f"{keras.config.backend()!r}. Use KERAS_BACKEND=jax (pip install 'keras_sd3[jax-cuda]' on GPUs).")
@@ -52,6 +60,8 @@ def mesh_distribution(batch, model):
 
 def set_mesh(text):
     """Sets `mesh_distribution(*parse_mesh(text))` as Keras' distribution (None or "1x1": one device)."""
+    import keras
+
     if text is None or parse_mesh(text) == (1, 1):
         keras.distribution.set_distribution(None)
         return
@@ -60,6 +70,8 @@ def set_mesh(text):
 
 def batch_axis_size():
     """How many groups the current distribution splits images into (1 without a distribution)."""
+    import keras
+
     distribution = keras.distribution.distribution() if keras.config.backend() == "jax" else None
     if distribution is None or distribution.batch_dim_name is None:
         return 1
@@ -69,6 +81,8 @@ def batch_axis_size():
 
 def pad_batch(x, size):
     """A batch-1 `x` repeated to `size`, or a batch-N `x` padded to `size` with copies of its last element."""
+    import keras
+
     count = int(x.shape[0])
     if count == 1:
         return keras.ops.repeat(x, size, axis=0)
@@ -80,6 +94,8 @@ def pad_batch(x, size):
 def split_batch(x):
     """`x` (batch first, a multiple of `batch_axis_size()`) placed split over the batch axis; unchanged
     without a distribution."""
+    import keras
+
     distribution = keras.distribution.distribution() if keras.config.backend() == "jax" else None
     if distribution is None:
         return x

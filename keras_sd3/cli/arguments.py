@@ -1,0 +1,61 @@
+"""What the commands of `keras-sd3` share: constants and argparse types (no Keras import here)."""
+
+import argparse
+
+DEFAULT_MODEL = "sd3_tiny_shapes"
+MAX_SEED = 2**32 - 1
+DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+SAMPLERS = ("euler", "heun", "dpmpp_2m")  # keras_sd3.sampling.SAMPLERS (this module imports no Keras)
+TASKS = {"generate": "text to image", "img2img": "image to image", "inpaint": "inpainting",
+         "control": "text to image guided by ControlNets"}
+
+
+def number(kind, low, high=None, what=None):
+    """An argparse type: a `kind` (int / float) in [low, high], with a message naming the rule."""
+    what = what or (f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or not low <= value <= (float("inf") if high is None else high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def path_and_scale(text):
+    """"PATH" or "PATH:SCALE" -> (path, scale); the scale defaults to 1 (a path may contain ':')."""
+    path, _, tail = text.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not path or scale != scale or abs(scale) == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE with a finite SCALE, got {text!r}")
+    return path, scale
+
+
+def parse_size(text):
+    """"512" or "768x512" (height x width) -> (height, width); the model's rule is checked later."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be N or HxW in pixels (e.g. 512 or 768x512), got {text!r}")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def mesh(text):
+    from keras_sd3.distribution import parse_mesh
+
+    try:
+        parse_mesh(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_mesh_argument(command):
+    command.add_argument("--mesh", type=mesh, metavar="BxM", help="spread over B x M devices (jax): B groups of "
+                         "images at a time, the model split over M devices, e.g. 1x8 or 8x1 (default: one device)")
