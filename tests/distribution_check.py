@@ -13,12 +13,13 @@ suite keeps its one device.) Prints one JSON object of measurements; the test ho
   (a whole tensor on one device first, then split, would count; straight into shards does not).
 - DataParallel-style (8 x 1 mesh) on the embedded model: text-to-image of 8 prompts and a 16-frame
   circular walk -> the largest pixel difference to one device.
-- Bad meshes -> the error messages.
+- Bad meshes -> the error messages; a head count the model axis does not divide -> the warnings.
 """
 
 import json
 import os
 import sys
+import warnings
 
 # (optimisation level 0: both sides compile the same way, and this takes a third less time)
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=8"
@@ -171,11 +172,22 @@ def bad_meshes():
         StableDiffusion3Backbone.get_layout_map(mesh)
     except ValueError as error:
         errors["no batch axis"] = str(error)
-    set_mesh((2, 4))  # the embedded model's MMDiT has 2 heads
-    try:
+    mesh = keras.distribution.DeviceMesh((1, 3), ["batch", "model"], keras.distribution.list_devices()[:3])
+    layout_map = StableDiffusion3Backbone.get_layout_map(mesh)
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+    try:  # widths of 64 and 128 do not split in 3
         StableDiffusion3TextToImage.from_preset(EMBEDDED)
     except ValueError as error:
-        errors["heads"] = str(error)
+        errors["width"] = str(error)
+    set_mesh(None)
+    prompts = ["a red circle on a blue background", "a green square"]
+    expected = StableDiffusion3TextToImage.from_preset(EMBEDDED).generate(prompts, num_steps=2, seed=0)
+    set_mesh((2, 4))  # the embedded model's MMDiT has 2 heads (width 128): allowed, with a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = StableDiffusion3TextToImage.from_preset(EMBEDDED)
+    errors["heads warning"] = [str(w.message) for w in caught if "attention heads" in str(w.message)]
+    errors["heads split images"] = int(np.abs(task.generate(prompts, num_steps=2, seed=0).astype(int) - expected).max())
     set_mesh(None)
     return errors
 

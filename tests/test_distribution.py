@@ -65,8 +65,12 @@ def test_data_parallel_equals_one_device(eight_devices):
 def test_bad_meshes_name_the_problem(eight_devices):
     errors = eight_devices["errors"]
     assert "no axis 'batch'" in errors["no batch axis"] and "['data', 'model']" in errors["no batch axis"]
-    assert "diffuser/transformer_blocks_0/attn/to_q/kernel" in errors["heads"]
-    assert "size 4" in errors["heads"] and "2 attention heads" in errors["heads"]
+    width = errors["width"]  # the first split tensor of the embedded model: 128 columns over 3 devices
+    assert "diffuser/context_embedder/kernel cannot be split over the mesh axis 'model' of size 3" in width
+    assert "dimension 1 (128 of shape (192, 128))" in width
+    warned = errors["heads warning"]  # 2 heads over 4 devices: split by columns, with a warning each part
+    assert any(w.startswith("The diffuser's 2 attention heads do not divide into the 4 devices") for w in warned)
+    assert errors["heads split images"] <= 1  # and the images are still one device's
 
 
 def test_needs_jax():

@@ -30,7 +30,9 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 from mmdit_step import SD3_MEDIUM_DIFFUSERS, SD3_VAE_DIFFUSERS  # noqa: E402
 
-IMPLEMENTATIONS = {"keras_sd3-jax": "jax", "keras_sd3-torch": "torch", "diffusers-compile": "torch"}
+# keras_sd3-jax-mesh1x1: the keras.distribution code path (ModelParallel on a 1 x 1 mesh), to show it costs nothing.
+IMPLEMENTATIONS = {"keras_sd3-jax": "jax", "keras_sd3-jax-mesh1x1": "jax", "keras_sd3-torch": "torch",
+                   "diffusers-compile": "torch"}
 TINY_DIFFUSERS = dict(sample_size=32, num_layers=2, num_attention_heads=2, attention_head_dim=32,
                       caption_projection_dim=64, joint_attention_dim=64, pooled_projection_dim=32,
                       pos_embed_max_size=32)
@@ -167,6 +169,12 @@ def worker(implementation, shape, size, steps, repeats, dtype):
         compiled.vae.decode = torch.compile(compiled.vae.decode)
         ours = diffusers_functions(compiled, embeddings, noise, size, steps)
     else:
+        if implementation == "keras_sd3-jax-mesh1x1":
+            import keras
+
+            from keras_sd3.distribution import mesh_distribution
+
+            keras.distribution.set_distribution(mesh_distribution(1, 1))
         ours = keras_functions(keras_backbone(pipe, size, dtype), embeddings, noise, steps)
     times = {part: dict(zip(("reference", "ours"), timed_pairs(reference[part], ours[part], repeats)))
              for part in ("image", "step", "decode")}
@@ -175,7 +183,7 @@ def worker(implementation, shape, size, steps, repeats, dtype):
 
 def attention_path(implementation, dtype):
     """Which attention kernel the implementation's half-precision path can use here."""
-    if implementation != "keras_sd3-jax":
+    if not implementation.startswith("keras_sd3-jax"):
         import torch
 
         return f"torch SDPA, flash available: {torch.backends.cuda.flash_sdp_enabled() and torch.cuda.is_available()}"

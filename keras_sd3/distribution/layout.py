@@ -11,7 +11,9 @@ attention / MLP joins them. Tables are split along their big axis (vocabulary, p
 rule names is replicated.
 """
 
+import functools
 import re
+import warnings
 
 import keras
 
@@ -75,7 +77,7 @@ def apply_layouts(backbone, heads):
     into these shards; a backbone built with random values is laid out again.
 
     Args:
-        heads: {part: attention heads} (the model axis must divide them where q / k / v are split).
+        heads: {part: attention heads} (a model axis that does not divide them is warned about).
 
     Raises:
         ValueError: a distribution on a backend other than jax; a split that does not divide a tensor
@@ -96,7 +98,12 @@ def apply_layouts(backbone, heads):
 
 
 def checked_layout(variable, layout, heads):
-    """`layout` for `variable`, or the replicated layout for a table the axis does not divide."""
+    """`layout` for `variable`, or the replicated layout for a table the axis does not divide.
+
+    A head count the axis does not divide (SD3.5 Large: 38 heads) is allowed where the width is
+    divisible: the projections are then split by columns across heads, and XLA regroups the heads for
+    attention (more communication; a warning says so).
+    """
     sizes = dict(zip(layout.device_mesh.axis_names, layout.device_mesh.shape))
     kind, part = rule_kind(variable.path), variable.path.split("/")[0]
     for dim, axis in enumerate(layout.axes):
@@ -105,13 +112,19 @@ def checked_layout(variable, layout, heads):
         if axis not in sizes:
             raise ValueError(f"The layout of {variable.path} names the mesh axis {axis!r}, which the mesh does "
                              f"not have (its axes: {list(sizes)}).")
-        if kind in HEAD_KINDS and heads.get(part, 1) % sizes[axis]:
-            raise ValueError(f"{variable.path} cannot be split over the mesh axis {axis!r} of size {sizes[axis]}: "
-                             f"the {part} has {heads.get(part, 1)} attention heads, which it does not divide.")
         if variable.shape[dim] % sizes[axis]:
             if kind in TABLE_KINDS:
                 return keras.distribution.TensorLayout((None,) * len(variable.shape), layout.device_mesh)
             raise ValueError(f"{variable.path} cannot be split over the mesh axis {axis!r} of size {sizes[axis]}: "
                              f"its dimension {dim} ({variable.shape[dim]} of shape {tuple(variable.shape)}) is "
                              "not a multiple of it.")
+        if kind in HEAD_KINDS and heads.get(part, 1) % sizes[axis]:
+            _warn_heads(part, heads.get(part, 1), axis, sizes[axis])
     return layout
+
+
+@functools.cache
+def _warn_heads(part, heads, axis, size):
+    warnings.warn(f"The {part}'s {heads} attention heads do not divide into the {size} devices of the mesh axis "
+                  f"{axis!r}: its attention projections are split by columns and XLA regroups the heads for "
+                  "attention (more communication than with a head count the axis divides).", stacklevel=4)
