@@ -11,8 +11,8 @@ suite keeps its one device.) Prints one JSON object of measurements; the test ho
   value of one device's output; every variable's sharding against the layout map; the size of each
   device's shard of every split variable; the bytes that went from the host to one device while loading
   (a whole tensor on one device first, then split, would count; straight into shards does not).
-- DataParallel-style (8 x 1 mesh) on the embedded model: text-to-image of 8 prompts and a 16-frame
-  circular walk -> the largest pixel difference to one device.
+- DataParallel over the 8 devices on the embedded model: text-to-image of 8 prompts and a 16-frame
+  circular walk -> the largest pixel difference to one device; programs traced by a second call.
 - Bad meshes -> the error messages; a head count the model axis does not divide -> the warnings.
 """
 
@@ -153,16 +153,19 @@ def model_parallel(root):
 def data_parallel():
     prompts = [f"a {c} {s} on a white background" for c in ("red", "blue") for s in ("circle", "square", "triangle", "star")]
     results = {}
-    for shape in (None, (8, 1)):
-        set_mesh(shape)
+    for split in (False, True):
+        if split:
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
         task = StableDiffusion3TextToImage.from_preset(EMBEDDED)
         images = task.generate(prompts, num_steps=4, seed=0)
         frames = explore.circular_walk(task, "a red circle on a blue background", 16, seed=1, num_steps=2)
-        results[shape] = (images.astype(int), frames.astype(int))
-    (images, frames), (split_images, split_frames) = results[None], results[(8, 1)]
+        traces = task.compiled.traces
+        task.generate(prompts[::-1], num_steps=3, seed=2)  # other prompts and steps: no new program
+        results[split] = (images.astype(int), frames.astype(int), task.compiled.traces - traces)
+    (images, frames, _), (split_images, split_frames, new_traces) = results[False], results[True]
     set_mesh(None)
     return {"images": int(np.abs(images - split_images).max()), "frames": int(np.abs(frames - split_frames).max()),
-            "shapes": [list(split_images.shape), list(split_frames.shape)]}
+            "shapes": [list(split_images.shape), list(split_frames.shape)], "new_traces": new_traces}
 
 
 def bad_meshes():

@@ -59,6 +59,7 @@ def test_data_parallel_equals_one_device(eight_devices):
     data = eight_devices["data_parallel"]
     assert data["shapes"] == [[8, 64, 64, 3], [16, 64, 64, 3]]
     assert data["images"] <= 1 and data["frames"] <= 1, data  # 8 prompts; a 16-frame circular walk
+    assert data["new_traces"] == 0  # compiled once: other prompts and step counts reuse the program
 
 
 @pytest.mark.skipif(not JAX, reason="keras.distribution is a jax feature; other backends: test_needs_jax")
