@@ -137,6 +137,8 @@ class GenerationTask:
         batch = latents.shape[0]
         latents, embeddings, noise, image_latents, mask = split_over_devices(
             latents, embeddings, noise, image_latents, mask)
+        if callback is not None and latents.shape[0] != batch:  # padded for the devices: show the real images
+            callback = (lambda given: lambda step, steps, x: given(step, steps, x[:batch]))(callback)
         use_cfg = guidance_scale > 1.0
         options = dict(use_cfg=use_cfg, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance,
                        sampler=sampler, shift=shift, use_step_cache=step_cache is not None)
