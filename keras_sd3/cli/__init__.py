@@ -26,7 +26,7 @@ import warnings
 
 from keras_sd3 import __version__, keras_backend
 from keras_sd3.cli.arguments import (
-    DEFAULT_MODEL, DTYPES, MAX_SEED, SAMPLERS, add_mesh_argument, number, parse_size, path_and_scale,
+    MAX_SEED, SAMPLERS, add_mesh_argument, add_model_arguments, number, parse_size, path_and_scale,
 )
 from keras_sd3.cli.generate import check_arguments, check_size, generate, make_folders, use_mesh
 from keras_sd3.errors import UsageError
@@ -50,8 +50,7 @@ def build_parser():
     for name, help_text in TASKS.items():
         command = commands.add_parser(name, help=help_text, description=f"Stable Diffusion 3: {help_text}.")
         command.add_argument("prompt")
-        command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
-                             "(default: %(default)s)")
+        add_model_arguments(command)
         command.add_argument("--steps", type=number(int, 1), help="denoising steps (default: the model's)")
         command.add_argument("--guidance", type=number(float, 0.0, what="a number >= 0"),
                              help="guidance scale, 0 to 1 disables CFG (default: the model's)")
@@ -60,9 +59,6 @@ def build_parser():
                              "uses seed + k (default: random, written to the image)")
         command.add_argument("--size", type=parse_size, help="N or HxW pixels (default: the model's / the image's)")
         command.add_argument("--num-images", type=number(int, 1), default=1, help="(default: %(default)s)")
-        command.add_argument("--backend", choices=keras_backend.BACKENDS,
-                             help="Keras backend (default: KERAS_BACKEND, else the first installed)")
-        command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
         command.add_argument("-o", "--output", default="image.png", help="output .png, .jpg or .webp; -1, -2, ... "
                              "are added for several images (default: %(default)s)")
         command.add_argument("--lora", type=path_and_scale, action="append", default=[], metavar="PATH[:SCALE]",

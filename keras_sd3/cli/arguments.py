@@ -2,6 +2,8 @@
 
 import argparse
 
+from keras_sd3 import keras_backend
+
 DEFAULT_MODEL = "sd3_tiny_shapes"
 MAX_SEED = 2**32 - 1
 DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
@@ -59,3 +61,12 @@ def mesh(text):
 def add_mesh_argument(command):
     command.add_argument("--mesh", type=mesh, metavar="BxM", help="spread over B x M devices (jax): B groups of "
                          "images at a time, the model split over M devices, e.g. 1x8 or 8x1 (default: one device)")
+
+
+def add_model_arguments(command):
+    """`--model`, `--backend` and `--dtype`: which model every command loads, and how."""
+    command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
+                         "(default: %(default)s)")
+    command.add_argument("--backend", choices=keras_backend.BACKENDS,
+                         help="Keras backend (default: KERAS_BACKEND, else the first installed)")
+    command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")

@@ -7,8 +7,8 @@
 
 import secrets
 
-from keras_sd3 import keras_backend, media
-from keras_sd3.cli.arguments import DEFAULT_MODEL, DTYPES, MAX_SEED, add_mesh_argument, number, parse_size
+from keras_sd3 import media
+from keras_sd3.cli.arguments import MAX_SEED, add_mesh_argument, add_model_arguments, number, parse_size
 from keras_sd3.cli.generate import use_mesh
 from keras_sd3.errors import UsageError
 
@@ -28,8 +28,7 @@ def add_walk_parser(commands):
     command.add_argument("--step-size", type=number(float, 0.0, what="a number >= 0"), default=0.01,
                          help="--kind around: distance per frame (default: %(default)s)")
     command.add_argument("--fps", type=number(int, 1), default=10, help="(default: %(default)s)")
-    command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
-                         "(default: %(default)s)")
+    add_model_arguments(command)
     command.add_argument("--steps", type=number(int, 1), help="denoising steps (default: the model's)")
     command.add_argument("--guidance", type=number(float, 0.0, what="a number >= 0"),
                          help="guidance scale (default: the model's)")
@@ -38,9 +37,6 @@ def add_walk_parser(commands):
     command.add_argument("--size", type=parse_size, help="N or HxW pixels (default: the model's)")
     command.add_argument("--batch-size", type=number(int, 1), help="frames per compiled call (default: 4, a "
                          "multiple of the mesh's B)")
-    command.add_argument("--backend", choices=keras_backend.BACKENDS,
-                         help="Keras backend (default: KERAS_BACKEND, else the first installed)")
-    command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
     add_mesh_argument(command)
     command.add_argument("-o", "--output", default="walk.gif", help=f"{', '.join(EXTENSIONS)} (default: %(default)s)")
     command.add_argument("-v", "--verbose", action="store_true", help="show the backends' log messages")

@@ -15,8 +15,6 @@ not divide is padded with copies of its last image, which are dropped afterwards
 
 import re
 
-import numpy as np
-
 # (Keras is imported inside the functions: the command line parses a mesh before choosing the backend.)
 
 
@@ -99,5 +97,4 @@ def split_batch(x):
     distribution = keras.distribution.distribution() if keras.config.backend() == "jax" else None
     if distribution is None:
         return x
-    x = np.asarray(x) if not hasattr(x, "sharding") else x
     return keras.distribution.distribute_tensor(x, distribution.get_data_layout(x.shape))

@@ -3,8 +3,7 @@
 import os
 import sys
 
-from keras_sd3 import keras_backend
-from keras_sd3.cli.arguments import DEFAULT_MODEL, DTYPES, number
+from keras_sd3.cli.arguments import add_model_arguments, number
 from keras_sd3.errors import UsageError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -14,8 +13,7 @@ def add_serve_parser(commands):
     """`keras-sd3 serve`: its own options (no prompt, no output file)."""
     command = commands.add_parser("serve", help="HTTP server and web page", description="Serves the model over "
                                   "HTTP (an API under /api/v1 and a web page at /) with a persistent job queue.")
-    command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
-                         "(default: %(default)s)")
+    add_model_arguments(command)
     command.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     command.add_argument("--port", type=number(int, 1, 65535), default=7860, help="(default: %(default)s)")
     command.add_argument("--outputs", default="outputs", help="folder of the job database and the images "
@@ -24,9 +22,6 @@ def add_serve_parser(commands):
                          "model call (default: %(default)s)")
     command.add_argument("--api-key", default=os.environ.get("KERAS_SD3_API_KEY") or None,
                          help="require this key on the API (default: $KERAS_SD3_API_KEY, else none)")
-    command.add_argument("--backend", choices=keras_backend.BACKENDS,
-                         help="Keras backend (default: KERAS_BACKEND, else the first installed)")
-    command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
     command.add_argument("-v", "--verbose", action="store_true", help="show the backends' log messages")
 
 
