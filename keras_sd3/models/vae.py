@@ -6,6 +6,7 @@ Attribute names follow the diffusers state dict (`encoder.down_blocks.0.resnets.
 import keras
 from keras import ops
 
+from keras_sd3.backend import upsample_conv
 from keras_sd3.models.layers import Attention, GroupNorm, Layer, conv
 
 # The VAE is replicated by `keras_sd3.distribution` (84 M parameters: 168 MB in bfloat16 on every device;
@@ -45,7 +46,7 @@ class Downsample(Layer):
 
 
 class Upsample(Layer):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv (computed on the small map: `backend.upsample_conv`)."""
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
@@ -53,7 +54,7 @@ class Upsample(Layer):
         self.built = True
 
     def call(self, x):
-        return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+        return upsample_conv(x, self.conv.kernel, self.conv.bias)
 
 
 class SpatialAttention(Attention):
