@@ -124,7 +124,8 @@ def test_text_to_image_job_writes_its_images_with_the_cli_metadata(client):
     assert job["images"] == [f"/api/v1/images/{job_id}-1.png", f"/api/v1/images/{job_id}-2.png"]
     assert job["parameters"] == {"task": "text-to-image", "prompt": PROMPT, "negative_prompt": "a square",
                                  "num_steps": STEPS, "guidance_scale": 4.0, "seed": 11, "width": 64, "height": 64,
-                                 "strength": None, "num_images": 2, "keep_unmasked": None}
+                                 "strength": None, "num_images": 2, "keep_unmasked": None, "sampler": "euler",
+                                 "shift": None, "step_cache": None}
     assert job["progress"] == {"step": STEPS, "total": STEPS} and job["position"] is None
     for index, url in enumerate(job["images"]):
         image, text = fetch(client, url)
@@ -134,6 +135,20 @@ def test_text_to_image_job_writes_its_images_with_the_cli_metadata(client):
     alone = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes").generate(
         {"prompts": PROMPT, "negative_prompts": "a square"}, num_steps=STEPS, guidance_scale=4.0, seed=12)
     assert np.abs(fetch(client, job["images"][1])[0].astype(int) - alone).max() <= 2
+
+
+def test_sampler_shift_and_step_cache_give_the_api_images(client):
+    """A job's sampler, shift and step-cache threshold reach `generate()`: the pixels of the direct call
+    with the same settings (within 2/255), recorded in the job and the image's metadata."""
+    settings = dict(sampler="dpmpp_2m", shift=2.0, step_cache=0.15)
+    job = wait(client, submit(client, seed=5, num_steps=8, **settings))
+    assert job["state"] == "done" and {k: job["parameters"][k] for k in settings} == settings
+    image, text = fetch(client, job["images"][0])
+    assert {k: json.loads(text["keras_sd3"])[k] for k in settings} == settings
+    task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes")
+    alone = task.generate(PROMPT, num_steps=8, guidance_scale=4.0, seed=5, **settings)
+    plain = task.generate(PROMPT, num_steps=8, guidance_scale=4.0, seed=5)
+    assert np.abs(image.astype(int) - alone).max() <= 2 < np.abs(image.astype(int) - plain).max()
 
 
 def test_image_tasks_and_a_size_other_than_the_native_one(client):
@@ -203,7 +218,10 @@ BAD_BODIES = [
     ({"prompt": 5}, "prompt", "string"),
     ({"num_steps": "2"}, "num_steps", "integer"),
     ({"keep_unmasked": "yes"}, "keep_unmasked", "boolean"),
-    ({"sampler": "dpm"}, "sampler", "negative_prompt"),
+    ({"scheduler": "dpm"}, "scheduler", "negative_prompt"),
+    ({"sampler": "dpm"}, "sampler", "'dpmpp_2m'"),
+    ({"shift": 0}, "shift", "[0.01, 100"),
+    ({"step_cache": -0.1}, "step_cache", "[0, 10"),
 ]
 
 

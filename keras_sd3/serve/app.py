@@ -33,6 +33,8 @@ MAX_STEPS = 200
 MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 30
+MIN_SHIFT, MAX_SHIFT = 0.01, 100.0
+MAX_STEP_CACHE = 10.0  # a step-cache threshold (a relative change); keras_sd3.sampling.StepCache's default is 0.15
 MAX_BODY = 32 * 2**20
 DEFAULT_STRENGTH = {"image-to-image": 0.8, "inpaint": 0.6}
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+\.png$")
@@ -71,6 +73,9 @@ class GenerateRequest(BaseModel):
     image: StrictStr | None = None
     mask: StrictStr | None = None
     keep_unmasked: StrictBool = True
+    sampler: Literal["euler", "heun", "dpmpp_2m"] = "euler"
+    shift: Annotated[StrictFloat | None, in_range("shift", MIN_SHIFT, MAX_SHIFT, "a number")] = None
+    step_cache: Annotated[StrictFloat | None, in_range("step_cache", 0, MAX_STEP_CACHE, "a number")] = None
 
 
 def invalid(field, message):
@@ -170,8 +175,9 @@ def resolve(body, tasks, rule):
     parameters = dict(task=body.task, prompt=body.prompt, negative_prompt=body.negative_prompt, num_steps=num_steps,
                       guidance_scale=guidance_scale, seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
                       width=width, height=height, strength=strength, num_images=body.num_images,
-                      keep_unmasked=keep_unmasked)
-    batch_key = json.dumps([body.task, width, height, num_steps, guidance_scale, strength, keep_unmasked, "euler"])
+                      keep_unmasked=keep_unmasked, sampler=body.sampler, shift=body.shift, step_cache=body.step_cache)
+    batch_key = json.dumps([body.task, width, height, num_steps, guidance_scale, strength, keep_unmasked,
+                            body.sampler, body.shift, body.step_cache])
     total = num_steps - (0 if strength is None else start_step(num_steps, strength))
     pictures = (None if p is None else png_bytes(p, (height, width)) for p in (image, mask))
     return (parameters, batch_key, total, *pictures)

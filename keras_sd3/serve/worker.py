@@ -91,6 +91,13 @@ def read_png(data, mode):
         return picture_array(picture, mode)
 
 
+def sampling_options(parameters):
+    """A job's `sampler`, `shift` and `step_cache` (a threshold) for `generate()`; jobs queued by an
+    older server have none: Euler, SD3's shift, no cache."""
+    return {key: parameters.get(key, default) for key, default in (("sampler", "euler"), ("shift", None),
+                                                                      ("step_cache", None))}
+
+
 def batch_inputs(task, jobs):
     """The flat `generate()` inputs of a batch: each job's prompt, negative prompt, pictures and noise
     (`task.noise(1, seed + k)`) repeated for its `num_images`. Returns (inputs, noise)."""
@@ -169,7 +176,7 @@ class Worker(threading.Thread):
         inputs, noise = batch_inputs(task, jobs)
         start = 0 if name == "text-to-image" else start_step(parameters["num_steps"], parameters["strength"])
         options = dict(num_steps=parameters["num_steps"], guidance_scale=parameters["guidance_scale"], num_images=1,
-                       callback=self.callback([job["id"] for job in jobs], start))
+                       callback=self.callback([job["id"] for job in jobs], start), **sampling_options(parameters))
         if name == "text-to-image":
             options["latents"] = noise
         else:
@@ -200,6 +207,7 @@ class Worker(threading.Thread):
                     "steps": parameters["num_steps"], "guidance": parameters["guidance_scale"],
                     "model": self.tasks.model, "task": parameters["task"], "backend": backend_name(),
                     "size": [parameters["height"], parameters["width"]], "job": job["id"]}
+        metadata.update({k: v for k, v in sampling_options(parameters).items() if v is not None})
         if parameters["task"] != "text-to-image":
             metadata["strength"] = parameters["strength"]
         if parameters["task"] == "inpaint":
