@@ -11,8 +11,9 @@ suite keeps its one device.) Prints one JSON object of measurements; the test ho
   value of one device's output; every variable's sharding against the layout map; the size of each
   device's shard of every split variable; the bytes that went from the host to one device while loading
   (a whole tensor on one device first, then split, would count; straight into shards does not).
-- DataParallel over the 8 devices on the embedded model: text-to-image of 8 prompts and a 16-frame
-  circular walk -> the largest pixel difference to one device; programs traced by a second call.
+- DataParallel over the 8 devices on the embedded model: text-to-image of 8 prompts, ControlNet images of 3
+  prompts (padded to 8) and a 16-frame circular walk -> the largest pixel difference to one device;
+  programs traced by a second call.
 - Bad meshes -> the error messages; a head count the model axis does not divide -> the warnings.
 """
 
@@ -35,7 +36,8 @@ import conftest  # noqa: E402
 import tiny_text  # noqa: E402
 from keras_sd3 import distribution, explore, sampling  # noqa: E402
 from keras_sd3.backend import compile_function  # noqa: E402
-from keras_sd3.models import StableDiffusion3Backbone, StableDiffusion3TextToImage  # noqa: E402
+from keras_sd3.models import (  # noqa: E402
+    ControlNetConfig, SD3ControlNet, StableDiffusion3Backbone, StableDiffusion3ControlNet, StableDiffusion3TextToImage)
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor  # noqa: E402
 
 MESHES = {"sd3": ((2, 4), (4, 2), (1, 8)), "sd35_medium": ((2, 4), (4, 2)), "sd35_large": ((2, 4), (4, 2))}
@@ -161,11 +163,39 @@ def data_parallel():
         frames = explore.circular_walk(task, "a red circle on a blue background", 16, seed=1, num_steps=2)
         traces = task.compiled.traces
         task.generate(prompts[::-1], num_steps=3, seed=2)  # other prompts and steps: no new program
-        results[split] = (images.astype(int), frames.astype(int), task.compiled.traces - traces)
-    (images, frames, _), (split_images, split_frames, new_traces) = results[False], results[True]
+        controlled, seen = controlnet_images(task.backbone, task.preprocessor, prompts[:3])
+        results[split] = (images.astype(int), frames.astype(int), task.compiled.traces - traces, controlled, seen)
+    (images, frames, _, controlled, _), (split_images, split_frames, new_traces, split_controlled, seen) = (
+        results[False], results[True])
     set_mesh(None)
     return {"images": int(np.abs(images - split_images).max()), "frames": int(np.abs(frames - split_frames).max()),
-            "shapes": [list(split_images.shape), list(split_frames.shape)], "new_traces": new_traces}
+            "shapes": [list(split_images.shape), list(split_frames.shape)], "new_traces": new_traces,
+            "controlnet": int(np.abs(controlled - split_controlled).max()), "controlnet_shape": list(split_controlled.shape),
+            "controlnet_callback_batches": seen["callback"], "controlnet_split_batches": seen["split"],
+            "controlnet_changes_images": int(np.abs(controlled[:3] - images[:3]).max())}
+
+
+def controlnet_images(backbone, preprocessor, prompts):
+    """Images of a random SD3.5-style ControlNet (2 blocks) on the embedded model, 3 prompts (padded to
+    the 8 devices when split), and the batch sizes its step callback saw and that were split over devices."""
+    config = backbone.mmdit_config
+    net = SD3ControlNet(ControlNetConfig(
+        num_layers=2, num_attention_heads=config.num_attention_heads, attention_head_dim=config.attention_head_dim,
+        joint_attention_dim=None, pooled_projection_dim=config.pooled_projection_dim, use_pos_embed=False,
+        force_zeros_for_pooled_projection=False))
+    rng = np.random.default_rng(3)
+    for variable in net.weights:
+        variable.assign(rng.normal(0, 0.05, variable.shape).astype("float32"))
+    control = np.stack([*np.meshgrid(*[np.linspace(-1, 1, 64)] * 2), np.zeros((64, 64))], -1).astype("float32")
+    seen, split, split_batch = [], [], distribution.split_batch
+    distribution.split_batch = lambda x: split.append(tuple(x.shape)) or split_batch(x)  # what goes to the devices
+    try:
+        images = StableDiffusion3ControlNet(backbone, preprocessor, net).generate(
+            {"prompts": prompts, "control_images": control}, num_steps=4, seed=0,
+            callback=lambda step, steps, latents: seen.append(latents.shape[0]))
+    finally:
+        distribution.split_batch = split_batch
+    return images.astype(int), {"callback": sorted(set(seen)), "split": sorted({s[0] for s in split})}
 
 
 def bad_meshes():

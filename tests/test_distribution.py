@@ -60,6 +60,11 @@ def test_data_parallel_equals_one_device(eight_devices):
     assert data["shapes"] == [[8, 64, 64, 3], [16, 64, 64, 3]]
     assert data["images"] <= 1 and data["frames"] <= 1, data  # 8 prompts; a 16-frame circular walk
     assert data["new_traces"] == 0  # compiled once: other prompts and step counts reuse the program
+    # A ControlNet task splits its batch too: 3 prompts padded to 8 devices, as one device; its callback
+    # sees the 3 real images; the (random) ControlNet changes the images.
+    assert data["controlnet"] <= 1 and data["controlnet_shape"] == [3, 64, 64, 3], data
+    assert data["controlnet_callback_batches"] == [3] and data["controlnet_changes_images"] > 10, data
+    assert data["controlnet_split_batches"] == [8], data  # latents, embeddings and control latents, padded
 
 
 @pytest.mark.skipif(not JAX, reason="keras.distribution is a jax feature; other backends: test_needs_jax")

@@ -14,7 +14,7 @@ from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.models.controlnet import SD3ControlNet
 from keras_sd3.tasks.inputs import batch_images, check_num_steps
 from keras_sd3.tasks.loop import CompiledSteps, sampler_step
-from keras_sd3.tasks.task import GenerationTask
+from keras_sd3.tasks.task import GenerationTask, split_over_devices
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
 
 INPUT_KEYS = ("prompts", "negative_prompts", "control_images")
@@ -94,10 +94,12 @@ def control_steps(backbone, nets, state, embeddings, control_latents, scales, fi
 
     Args:
         state: the loop state (`loop.initial_state`).
-        control_latents: tuple of (B or 2B with guidance, h, w, C) control latents, one per net.
+        control_latents: tuple of (B, h, w, C) control latents, one per net.
         scales, first, last: (n,) float32 scales and int32 step windows (inclusive), one per net.
     """
     patch_embed = backbone.diffuser.pos_embed
+    if use_cfg:  # the latents are doubled for guidance in each step; so are the control latents
+        control_latents = tuple(ops.concatenate([c, c]) for c in control_latents)
 
     def body(step, state):
         active = ops.logical_and(ops.greater_equal(step, first), ops.less_equal(step, last))
@@ -221,7 +223,7 @@ class StableDiffusion3ControlNet(GenerationTask):
         batch = embeddings[0].shape[0]
         latents = self.noise(batch, seed) if latents is None else self.check_noise(latents, batch, "latents")
         use_cfg = guidance_scale > 1.0
-        control_latents = tuple(self.encode_control(net, image, batch, num_images, use_cfg)
+        control_latents = tuple(self.encode_control(net, image, batch, num_images)
                                 for net, image in zip(self.controlnets, control_images))
         windows = [control_window(num_steps, s, e) for s, e in zip(starts, ends)]
         controls = (control_latents, ops.convert_to_tensor(np.asarray(scales, np.float32)),
@@ -231,9 +233,9 @@ class StableDiffusion3ControlNet(GenerationTask):
                                       callback, progress)
         return self.unbatch(outputs, single, num_images)
 
-    def encode_control(self, net, images, batch, num_images, use_cfg):
-        """Control images -> (batch or 2 batch, h, w, C) latents: the VAE posterior mean, `* scale`, and
-        `- shift` unless the net is an InstantX one (`force_zeros_for_pooled_projection`)."""
+    def encode_control(self, net, images, batch, num_images):
+        """Control images -> (batch, h, w, C) latents: the VAE posterior mean, `* scale`, and `- shift`
+        unless the net is an InstantX one (`force_zeros_for_pooled_projection`)."""
         if len(images) not in (1, batch) and len(images) * num_images == batch:
             images = np.repeat(images, num_images, axis=0)
         images = batch_images(images, batch, self.backbone.image_shape, "control_images")
@@ -241,10 +243,15 @@ class StableDiffusion3ControlNet(GenerationTask):
         if net.config.force_zeros_for_pooled_projection:
             vae = self.backbone.vae_config
             latents = latents + vae.shift_factor * vae.scaling_factor
-        return np.concatenate([latents, latents]) if use_cfg else latents
+        return latents
 
     def run_controlled(self, latents, embeddings, controls, num_steps, guidance_scale, use_cfg, output, callback,
                        progress):
-        """The compiled loop over all steps, or step by step for a callback / progress bar."""
-        return self.run_program(self.control_compiled, latents, (embeddings, *controls), 0, check_num_steps(num_steps),
-                                guidance_scale, output, callback, progress, use_cfg=use_cfg)
+        """The compiled loop over all steps, or step by step for a callback / progress bar; the batch
+        split over the devices' batch axis as in `GenerationTask.run`."""
+        batch, (control_latents, *settings) = latents.shape[0], controls
+        callback, latents, embeddings, *control_latents = split_over_devices(
+            callback, latents, embeddings, *control_latents)
+        outputs = self.run_program(self.control_compiled, latents, (embeddings, tuple(control_latents), *settings), 0,
+                                   check_num_steps(num_steps), guidance_scale, output, callback, progress, use_cfg=use_cfg)
+        return outputs[:batch]

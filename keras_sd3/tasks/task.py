@@ -135,10 +135,8 @@ class GenerationTask:
         zeros = np.zeros((latents.shape[0], *self.backbone.latent_shape[:2], 1), np.float32)
         noise, image_latents, mask = inpaint if inpaint is not None else (latents, latents, zeros)
         batch = latents.shape[0]
-        latents, embeddings, noise, image_latents, mask = split_over_devices(
-            latents, embeddings, noise, image_latents, mask)
-        if callback is not None and latents.shape[0] != batch:  # padded for the devices: show the real images
-            callback = (lambda given: lambda step, steps, x: given(step, steps, x[:batch]))(callback)
+        callback, latents, embeddings, noise, image_latents, mask = split_over_devices(
+            callback, latents, embeddings, noise, image_latents, mask)
         use_cfg = guidance_scale > 1.0
         options = dict(use_cfg=use_cfg, use_mask=inpaint is not None, skip_layer_guidance=skip_layer_guidance,
                        sampler=sampler, shift=shift, use_step_cache=step_cache is not None)
@@ -184,12 +182,15 @@ class GenerationTask:
         return outputs[0] if single and num_images == 1 else outputs
 
 
-def split_over_devices(latents, embeddings, *batched):
+def split_over_devices(callback, latents, embeddings, *batched):
     """The run's inputs padded to a multiple of the devices' batch axis and split over it
-    (`keras_sd3.distribution`); unchanged on one device. Returns `(latents, embeddings, *batched)`."""
-    groups = distribution.batch_axis_size()
+    (`keras_sd3.distribution`); unchanged on one device. Returns `(callback, latents, embeddings,
+    *batched)`: a step callback then still sees only the real images, not the padding."""
+    groups, batch = distribution.batch_axis_size(), latents.shape[0]
     if groups == 1:
-        return (latents, embeddings, *batched)
-    size = -(-latents.shape[0] // groups) * groups
+        return (callback, latents, embeddings, *batched)
+    size = -(-batch // groups) * groups
     pad = lambda x: distribution.split_batch(distribution.pad_batch(ops.convert_to_tensor(x), size))  # noqa: E731
-    return (pad(latents), tuple(pad(e) for e in embeddings), *(pad(x) for x in batched))
+    if callback is not None and size != batch:
+        callback = (lambda given: lambda step, steps, x: given(step, steps, x[:batch]))(callback)
+    return (callback, pad(latents), tuple(pad(e) for e in embeddings), *(pad(x) for x in batched))
