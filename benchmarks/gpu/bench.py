@@ -11,6 +11,11 @@ same way against eager in its own process.
 Usage (on the GPU machine, see README.md in this folder for the wheels to bring):
     sh benchmarks/gpu/run.sh [--size 1024] [--steps 28] [--repeats 5] [--json results.json]
     python benchmarks/gpu/bench.py --shape tiny --size 64 --steps 2   # a CPU smoke test
+    python benchmarks/gpu/bench.py --shape tiny-text --size 64 --steps 8 --dtype float32
+
+`--shape tiny-text` is issue 17's first target where it matters, the regime in which the network is cheap
+and everything around it is not: the tests' tiny random SD3 with CLIP-L / CLIP-G / T5 (tokenizers trained on
+the spot), prompts in (a different one at every call), uint8 images out.
 """
 
 import argparse
@@ -55,10 +60,17 @@ def _sync(x):
     return keras.ops.convert_to_numpy(x)
 
 
-def diffusers_pipeline(shape, dtype):
+def diffusers_pipeline(shape, dtype, folder=None):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+    if shape == "tiny-text":  # the tests' tiny pipeline with text encoders, saved in `folder`
+        sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
+        from tiny_text import build_pipeline
+
+        pipe = build_pipeline(folder, with_t5=True).to(_device(), getattr(torch, dtype))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     torch.manual_seed(0)
     mmdit, vae = (SD3_MEDIUM_DIFFUSERS, SD3_VAE_DIFFUSERS) if shape == "sd3m" else (TINY_DIFFUSERS, TINY_VAE_DIFFUSERS)
     transformer = SD3Transformer2DModel(**mmdit).to(_device(), getattr(torch, dtype)).eval()
@@ -86,17 +98,25 @@ def keras_backbone(pipe, size, dtype):
     return backbone
 
 
-def inputs(pipe, size):
-    """Embeddings (CFG: positive and negative), initial noise and a CFG batch of latents, seeded."""
+def inputs(pipe, size, tokens=154):
+    """Embeddings (CFG: positive and negative) of `tokens` tokens and initial noise, seeded."""
     rng = np.random.default_rng(0)
     width, pooled = pipe.transformer.config.joint_attention_dim, pipe.transformer.config.pooled_projection_dim
     embeddings = tuple(rng.standard_normal(s).astype("float32")
-                       for s in ((1, 154, width), (1, 154, width), (1, pooled), (1, pooled)))
+                       for s in ((1, tokens, width), (1, tokens, width), (1, pooled), (1, pooled)))
     noise = rng.standard_normal((1, size // 8, size // 8, 16)).astype("float32")
     return embeddings, noise
 
 
-def diffusers_functions(pipe, embeddings, noise, size, steps):
+def prompts():
+    """A different prompt at every call (the same sequence for each implementation)."""
+    while True:
+        yield from (f"a {size} {color} {shape} on a {background} background" for size in ("small", "large")
+                    for color in ("red", "green", "blue") for shape in ("circle", "square", "triangle")
+                    for background in ("white", "black"))
+
+
+def diffusers_functions(pipe, embeddings, noise, size, steps, with_prompts=False):
     import torch
 
     dtype, device = pipe.transformer.dtype, pipe.transformer.device
@@ -108,9 +128,12 @@ def diffusers_functions(pipe, embeddings, noise, size, steps):
     pooled = torch.cat([feed["negative_pooled_prompt_embeds"], feed["pooled_prompt_embeds"]])
     timestep = torch.full((2,), 500.0, device=device)
 
+    prompt = prompts()
+
     @torch.no_grad()
     def image():
-        return _sync(pipe(**feed, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
+        text = {"prompt": next(prompt)} if with_prompts else feed
+        return _sync(pipe(**text, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
                           latents=latents, output_type="pt").images)
 
     @torch.no_grad()
@@ -125,18 +148,18 @@ def diffusers_functions(pipe, embeddings, noise, size, steps):
     return {"image": image, "step": step, "decode": decode}
 
 
-def keras_functions(backbone, embeddings, noise, steps):
+def keras_functions(task, embeddings, noise, steps, with_prompts=False):
     from keras_sd3.backend import compile_function
-    from keras_sd3.models import StableDiffusion3TextToImage
 
-    task = StableDiffusion3TextToImage(backbone)
+    backbone, prompt = task.backbone, prompts()
     batch = np.concatenate([noise, noise])
     context, pooled = (np.concatenate(pair) for pair in (embeddings[1::-1], embeddings[3:1:-1]))
     step = compile_function(backbone, lambda *a: backbone.predict_velocity(*a, 0.5))
     decode = compile_function(backbone, backbone.decode_step)
     return {
-        "image": lambda: task.generate(None, num_steps=steps, guidance_scale=GUIDANCE, latents=noise,
-                                       embeddings=embeddings),
+        "image": lambda: task.generate(next(prompt) if with_prompts else None, num_steps=steps,
+                                       guidance_scale=GUIDANCE, latents=noise,
+                                       embeddings=None if with_prompts else embeddings),
         "step": lambda: _sync(step(batch, context, pooled)),
         "decode": lambda: _sync(decode(noise)),
     }
@@ -157,17 +180,25 @@ def timed_pairs(reference, ours, repeats):
 
 
 def worker(implementation, shape, size, steps, repeats, dtype):
-    pipe = diffusers_pipeline(shape, dtype)
-    embeddings, noise = inputs(pipe, size)
-    reference = diffusers_functions(pipe, embeddings, noise, size, steps)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return _timings(implementation, shape, size, steps, repeats, dtype, folder)
+
+
+def _timings(implementation, shape, size, steps, repeats, dtype, folder):
+    text = shape == "tiny-text"
+    pipe = diffusers_pipeline(shape, dtype, os.path.join(folder, "reference"))
+    embeddings, noise = inputs(pipe, size, tokens=333 if text else 154)
+    reference = diffusers_functions(pipe, embeddings, noise, size, steps, text)
     if implementation == "diffusers-compile":
         import torch
 
-        compiled = diffusers_pipeline(shape, dtype)
+        compiled = diffusers_pipeline(shape, dtype, os.path.join(folder, "compiled"))
         compiled.transformer.load_state_dict(pipe.transformer.state_dict())
         compiled.transformer = torch.compile(compiled.transformer)
         compiled.vae.decode = torch.compile(compiled.vae.decode)
-        ours = diffusers_functions(compiled, embeddings, noise, size, steps)
+        ours = diffusers_functions(compiled, embeddings, noise, size, steps, text)
     else:
         if implementation == "keras_sd3-jax-mesh1x1":
             import keras
@@ -175,7 +206,11 @@ def worker(implementation, shape, size, steps, repeats, dtype):
             from keras_sd3.distribution import mesh_distribution
 
             keras.distribution.set_distribution(mesh_distribution(1, 1))
-        ours = keras_functions(keras_backbone(pipe, size, dtype), embeddings, noise, steps)
+        from keras_sd3.models import StableDiffusion3TextToImage
+
+        task = (StableDiffusion3TextToImage.from_preset(os.path.join(folder, "reference"), (size, size, 3), dtype)
+                if text else StableDiffusion3TextToImage(keras_backbone(pipe, size, dtype)))
+        ours = keras_functions(task, embeddings, noise, steps, text)
     times = {part: dict(zip(("reference", "ours"), timed_pairs(reference[part], ours[part], repeats)))
              for part in ("image", "step", "decode")}
     return {**times, "attention": attention_path(implementation, dtype)}
@@ -214,7 +249,7 @@ def environment():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
-    parser.add_argument("--shape", default="sd3m", choices=["sd3m", "tiny"])
+    parser.add_argument("--shape", default="sd3m", choices=["sd3m", "tiny", "tiny-text"])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=5)

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The GPU kit's one command, from the repository root of a checkout that has .whl/ beside it
 # (sh benchmarks/gpu/fetch_wheels.sh): installs the wheels into a scratch folder, then times.
-#   sh benchmarks/gpu/run.sh [bench.py arguments]
+#   sh benchmarks/gpu/run.sh                      # both tables: SD3-Medium shape, then tiny-text
+#   sh benchmarks/gpu/run.sh [bench.py arguments]  # one table
 set -e
 cd "$(dirname "$0")/../.."
 if [ -d .whl ]; then
@@ -11,4 +12,8 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python3 benchmarks/gpu/bench.py "$@"
+if [ $# -gt 0 ]; then
+    exec python3 benchmarks/gpu/bench.py "$@"
+fi
+python3 benchmarks/gpu/bench.py --json gpu-sd3m.json || true
+python3 benchmarks/gpu/bench.py --shape tiny-text --size 64 --steps 8 --dtype float32 --json gpu-tiny-text.json

@@ -271,8 +271,16 @@ class StableDiffusion3Backbone(keras.Model):
     def encode_text_step(self, token_ids, negative_token_ids, clip_skip=None):
         """KerasHub's step: `(positive, negative, positive_pooled, negative_pooled)` embeddings.
 
-        As in diffusers, `clip_skip` applies to the positive prompt only.
+        As in diffusers, `clip_skip` applies to the positive prompt only; without it both prompts go
+        through the encoders as one batch.
         """
+        same_shapes = set(token_ids) == set(negative_token_ids) and all(
+            tuple(ops.shape(token_ids[k])) == tuple(ops.shape(negative_token_ids[k])) for k in token_ids)
+        if clip_skip is None and same_shapes:
+            both = {k: ops.concatenate([token_ids[k], negative_token_ids[k]], axis=0) for k in token_ids}
+            context, pooled = self.encode_text(both)
+            (positive, negative), (positive_pooled, negative_pooled) = (ops.split(x, 2, axis=0) for x in (context, pooled))
+            return positive, negative, positive_pooled, negative_pooled
         positive, positive_pooled = self.encode_text(token_ids, clip_skip)
         negative, negative_pooled = self.encode_text(negative_token_ids)
         return positive, negative, positive_pooled, negative_pooled

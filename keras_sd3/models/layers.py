@@ -193,8 +193,9 @@ class Attention(Layer):
     """Multi-head attention, optionally joint over image tokens and a second (context) stream.
 
     With `context_dim`, queries / keys / values of both streams are concatenated along the sequence
-    ([image; context]) and attended jointly, as in the MMDiT. `context_output=False` drops the
-    context's output projection (the last MMDiT block).
+    ([image; context]) and attended jointly, as in the MMDiT. `context_output=False` (the last MMDiT
+    block) drops the context's output projection and its queries: only the image tokens query the joint
+    keys (diffusers computes the context's rows of the attention too, then discards them).
 
     Args:
         dim: width of the image stream.
@@ -228,14 +229,14 @@ class Attention(Layer):
         q = self._heads(x, self.to_q, self.norm_q)
         k = self._heads(x, self.to_k, self.norm_k)
         v = self._heads(x, self.to_v, None)
-        if context is not None:
+        context_output = context is not None and self.to_add_out is not None
+        if context_output:  # without a context output, the context's queries would be thrown away
             q = ops.concatenate([q, self._heads(context, self.add_q_proj, self.norm_added_q)], axis=1)
+        if context is not None:
             k = ops.concatenate([k, self._heads(context, self.add_k_proj, self.norm_added_k)], axis=1)
             v = ops.concatenate([v, self._heads(context, self.add_v_proj, None)], axis=1)
         out = attention(q, k, v, scale=self.head_dim**-0.5)
         out = ops.reshape(out, (ops.shape(out)[0], -1, self.heads * self.head_dim))
         tokens = ops.shape(x)[1]
         image_out = self.to_out[0](out[:, :tokens])
-        if context is None or self.to_add_out is None:
-            return image_out, None
-        return image_out, self.to_add_out(out[:, tokens:])
+        return image_out, (self.to_add_out(out[:, tokens:]) if context_output else None)
