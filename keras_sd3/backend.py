@@ -14,6 +14,50 @@ require()  # a clear error for a missing or unknown backend, before Keras is imp
 import keras  # noqa: E402
 from keras import ops
 
+_TORCH = keras.config.backend() == "torch"
+if _TORCH:
+    import torch
+
+
+# Eager torch: every `keras.ops` call first searches its arguments for symbolic tensors (10-30 µs a
+# call) and the MMDiT makes a few hundred calls a step, more time than the embedded model's arithmetic.
+# So the layers' most frequent operations below call torch directly there; jax and tensorflow trace
+# them once, so they keep `keras.ops`.
+
+
+def shape(x):
+    return tuple(x.shape) if _TORCH else ops.shape(x)
+
+
+def reshape(x, new_shape):
+    return x.reshape(new_shape) if _TORCH else ops.reshape(x, new_shape)
+
+
+def concatenate(xs, axis):
+    return torch.cat(xs, axis) if _TORCH else ops.concatenate(xs, axis=axis)
+
+
+def split(x, count):
+    """`count` equal parts of `x` along its last axis."""
+    return x.chunk(count, -1) if _TORCH else ops.split(x, count, axis=-1)
+
+
+def silu(x):
+    return torch.nn.functional.silu(x) if _TORCH else ops.silu(x)
+
+
+def gelu_tanh(x):
+    return torch.nn.functional.gelu(x, approximate="tanh") if _TORCH else ops.gelu(x, approximate=True)
+
+
+def layer_norm(x, epsilon, weight=None, bias=None):
+    """LayerNorm over the last axis, computed and returned in float32, with optional affine parameters."""
+    if _TORCH:
+        weight, bias = (None if v is None else _torch_tensor(v, torch.float32) for v in (weight, bias))
+        return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight, bias, epsilon)
+    weight, bias = (None if v is None else ops.cast(v, "float32") for v in (weight, bias))
+    return ops.layer_normalization(ops.cast(x, "float32"), gamma=weight, beta=bias, epsilon=epsilon)
+
 
 def linear(x, kernel, bias=None):
     """`x @ kernel + bias` over the last axis of `x`.
@@ -30,7 +74,7 @@ def linear(x, kernel, bias=None):
     EPYC); XLA:CPU has no half-precision GEMM of its own on any CPU (jax SD3-Medium block 1.40 s vs
     1.59 s in bfloat16), and tensorflow's eager bfloat16 matmul rounds partial sums to bfloat16.
     """
-    if keras.config.backend() == "torch":
+    if _TORCH:
         return _torch_linear(x, kernel, bias)
     dtype = keras.backend.standardize_dtype(x.dtype)
     kernel, bias = ops.cast(kernel, dtype), None if bias is None else ops.cast(bias, dtype)
@@ -44,8 +88,6 @@ def linear(x, kernel, bias=None):
 def _torch_linear(x, kernel, bias):
     """`linear` with torch's own calls only: it runs eagerly, so Keras' per-op dispatch would cost
     more than the product itself on small layers."""
-    import torch
-
     kernel, bias = _torch_tensor(kernel, x.dtype), None if bias is None else _torch_tensor(bias, x.dtype)
     half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(x.dtype)
     if half and _half_precision_gemm_is_slow(x, half):
@@ -63,8 +105,6 @@ def torch_conv2d(x, kernel, bias, strides, padding):
     diffusers' time). Here `x` is viewed as NCHW with channels-last strides, which oneDNN convolves
     as it lies, and the output is viewed back: no copies of the feature maps.
     """
-    import torch
-
     kernel = _torch_tensor(kernel, x.dtype).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
     bias = None if bias is None else _torch_tensor(bias, x.dtype)
     if padding == "same" and all(s == 1 for s in strides):
@@ -95,7 +135,7 @@ def upsample_conv(x, kernel, bias):
     stride-2 transposed conv. Equal to the direct form up to float rounding (the kernel taps are summed
     in float32 first): the SD3 VAE's 1024^2 upsampler (256 channels) takes 2.3 s instead of 6.1 s on jax.
     """
-    if keras.config.backend() == "torch":
+    if _TORCH:
         return _torch_upsample_conv(x, kernel, bias)
     channels = kernel.shape[-1]
     taps = ops.convert_to_tensor(_PHASE_TAPS, "float32")
@@ -113,7 +153,6 @@ def upsample_conv(x, kernel, bias):
 
 
 def _torch_upsample_conv(x, kernel, bias):
-    import torch
 
     taps = torch.tensor(_TRANSPOSED_TAPS, dtype=torch.float32)
     kernel = torch.einsum("kr,ls,rsio->iokl", taps, taps, _torch_tensor(kernel, torch.float32))
@@ -126,8 +165,6 @@ def _torch_upsample_conv(x, kernel, bias):
 def torch_group_norm(x, groups, weight, bias, epsilon):
     """GroupNorm of channels-last (B, H, W, C) `x` on torch, in float32, returned in `x`'s dtype
     (`torch.nn.functional.group_norm` on the channels-last view, as `torch_conv2d`)."""
-    import torch
-
     weight, bias = (_torch_tensor(v, torch.float32) for v in (weight, bias))
     out = torch.nn.functional.group_norm(x.permute(0, 3, 1, 2).float(), groups, weight, bias, epsilon)
     return out.permute(0, 2, 3, 1).to(x.dtype)
@@ -163,7 +200,6 @@ def _xla_on_cpu():
 
 @functools.cache
 def _torch_cpu_has_native(dtype):
-    import torch
 
     if dtype == "bfloat16":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -179,6 +215,10 @@ def attention(q, k, v, bias=None, scale=None, is_causal=False):
     float16 x float16 -> float32 dot, which jax's attention asks for under `jit`, so there float16
     inputs are upcast to float32 (the softmax runs in float32 anyway).
     """
+    if _TORCH and bias is None:  # SDPA picks the fastest kernel itself (flash / memory-efficient / math)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, is_causal=is_causal)
+        return out.transpose(1, 2)
     dtype = keras.backend.standardize_dtype(q.dtype)
     if keras.config.backend() == "jax" and not _xla_on_cpu() and bias is None and dtype in ("bfloat16", "float16"):
         out = _cudnn_attention(q, k, v, scale, is_causal)

@@ -10,6 +10,7 @@ import threading
 import keras
 from keras import ops
 
+from keras_sd3 import backend
 from keras_sd3.backend import attention, linear, torch_conv2d, torch_group_norm
 
 _CALLS = threading.local()  # how deep this thread is inside keras_sd3 layers' calls
@@ -85,8 +86,7 @@ def conv(filters, in_channels, kernel_size, dtype, strides=1, padding="same"):
 
 def layer_norm(x, epsilon=1e-6):
     """LayerNorm over the last axis without affine parameters, computed in float32."""
-    y = ops.layer_normalization(ops.cast(x, "float32"), epsilon=epsilon)
-    return ops.cast(y, x.dtype)
+    return ops.cast(backend.layer_norm(x, epsilon), x.dtype)
 
 
 def modulate(x, shift, scale):
@@ -99,10 +99,10 @@ def multi_head_attention(q, k, v, heads, is_causal=False, scale=None):
 
     `scale` defaults to 1 / sqrt(H); the softmax runs in float32 inside the backends' fused kernels.
     """
-    batch, head_dim = ops.shape(q)[0], ops.shape(q)[-1] // heads
-    q, k, v = (ops.reshape(x, (batch, -1, heads, head_dim)) for x in (q, k, v))  # (B, T, N, H)
+    batch, head_dim = backend.shape(q)[0], backend.shape(q)[-1] // heads
+    q, k, v = (backend.reshape(x, (batch, -1, heads, head_dim)) for x in (q, k, v))  # (B, T, N, H)
     out = attention(q, k, v, scale=head_dim**-0.5 if scale is None else scale, is_causal=is_causal)
-    return ops.reshape(out, (batch, -1, heads * head_dim))
+    return backend.reshape(out, (batch, -1, heads * head_dim))
 
 
 class LayerNorm(Layer):
@@ -116,13 +116,7 @@ class LayerNorm(Layer):
         self.built = True
 
     def call(self, x):
-        y = ops.layer_normalization(
-            ops.cast(x, "float32"),
-            gamma=ops.cast(self.weight, "float32"),
-            beta=ops.cast(self.bias, "float32"),
-            epsilon=self.epsilon,
-        )
-        return ops.cast(y, self.compute_dtype)
+        return ops.cast(backend.layer_norm(x, self.epsilon, self.weight, self.bias), self.compute_dtype)
 
 
 class RMSNorm(Layer):
@@ -171,7 +165,7 @@ class Modulation(Layer):
         self.built = True
 
     def call(self, temb):
-        return ops.split(self.linear(ops.silu(temb)), self.count, axis=-1)
+        return backend.split(self.linear(backend.silu(temb)), self.count)
 
 
 class FeedForward(Layer):
@@ -186,7 +180,7 @@ class FeedForward(Layer):
         self.built = True
 
     def call(self, x):
-        return self.proj_out(ops.gelu(self.proj_in(x), approximate=True))
+        return self.proj_out(backend.gelu_tanh(self.proj_in(x)))
 
 
 class Attention(Layer):
@@ -221,7 +215,7 @@ class Attention(Layer):
         self.built = True
 
     def _heads(self, x, projection, norm):
-        x = ops.reshape(projection(x), (ops.shape(x)[0], -1, self.heads, self.head_dim))  # (B, T, N, H)
+        x = backend.reshape(projection(x), (backend.shape(x)[0], -1, self.heads, self.head_dim))  # (B, T, N, H)
         return x if norm is None else norm(x)
 
     def call(self, x, context=None):
@@ -231,12 +225,12 @@ class Attention(Layer):
         v = self._heads(x, self.to_v, None)
         context_output = context is not None and self.to_add_out is not None
         if context_output:  # without a context output, the context's queries would be thrown away
-            q = ops.concatenate([q, self._heads(context, self.add_q_proj, self.norm_added_q)], axis=1)
+            q = backend.concatenate([q, self._heads(context, self.add_q_proj, self.norm_added_q)], axis=1)
         if context is not None:
-            k = ops.concatenate([k, self._heads(context, self.add_k_proj, self.norm_added_k)], axis=1)
-            v = ops.concatenate([v, self._heads(context, self.add_v_proj, None)], axis=1)
+            k = backend.concatenate([k, self._heads(context, self.add_k_proj, self.norm_added_k)], axis=1)
+            v = backend.concatenate([v, self._heads(context, self.add_v_proj, None)], axis=1)
         out = attention(q, k, v, scale=self.head_dim**-0.5)
-        out = ops.reshape(out, (ops.shape(out)[0], -1, self.heads * self.head_dim))
-        tokens = ops.shape(x)[1]
+        out = backend.reshape(out, (backend.shape(out)[0], -1, self.heads * self.head_dim))
+        tokens = backend.shape(x)[1]
         image_out = self.to_out[0](out[:, :tokens])
         return image_out, (self.to_add_out(out[:, tokens:]) if context_output else None)
