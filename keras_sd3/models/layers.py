@@ -15,6 +15,8 @@ from keras_sd3.backend import attention, linear, torch_conv2d, torch_group_norm
 
 _CALLS = threading.local()  # how deep this thread is inside keras_sd3 layers' calls
 _TORCH = keras.config.backend() == "torch"
+if _TORCH:
+    import torch
 
 
 class DirectCalls:
@@ -41,6 +43,9 @@ class DirectCalls:
     def _convert_input(self, value):
         if isinstance(value, (tuple, list)):
             return type(value)(self._convert_input(v) for v in value)
+        if _TORCH and isinstance(value, torch.Tensor) and (
+                not value.is_floating_point() or value.dtype == getattr(torch, self.input_dtype)):
+            return value  # what Keras would return, without its dtype checks
         return self.dtype_policy.convert_input(value, self.autocast, self.input_dtype)
 
 
