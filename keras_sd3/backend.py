@@ -141,7 +141,7 @@ def upsample_conv(x, kernel, bias):
     taps = ops.convert_to_tensor(_PHASE_TAPS, "float32")
     phases = ops.einsum("apr,bqs,rsio->pqiabo", taps, taps, ops.cast(kernel, "float32"))
     phases = ops.cast(ops.reshape(phases, (2, 2, kernel.shape[2], 4 * channels)), x.dtype)
-    y = valid_conv(ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), phases)
+    y = ops.conv(ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), phases, padding="valid")
     y = y + ops.tile(ops.cast(bias, x.dtype), (4,))
     _, height, width, _ = ops.shape(x)
 
@@ -150,44 +150,6 @@ def upsample_conv(x, kernel, bias):
 
     rows = [ops.stack([phase(a, 0), phase(a, 1)], axis=3) for a in (0, 1)]  # (B, H, W, 2, out) each
     return ops.reshape(ops.stack(rows, axis=2), (-1, 2 * height, 2 * width, channels))
-
-
-# XLA:CPU's convolution of a large feature map takes its scratch memory fresh from the operating system
-# at every call (the SD3 VAE's decode at 1024²: 13.7 M page faults, 23 s of system time). Cut into row
-# bands of at most this many elements, the same convolution reuses memory and runs 11 % faster (four
-# 3x3 convs of 128 channels at 1024²: 5.07 s instead of 5.73 s, 4.5x fewer page faults), bit-identical.
-_BAND_ELEMENTS = 2**24
-
-
-def _bands(x, kernel):
-    """How many row bands `valid_conv` / `same_conv` cut `x` into (1: none)."""
-    if keras.config.backend() != "jax" or not _xla_on_cpu():
-        return 1
-    _, height, width, channels = ops.shape(x)
-    return max(1, -(-height * width * max(channels, kernel.shape[-1]) // _BAND_ELEMENTS))
-
-
-def valid_conv(x, kernel):
-    """Stride-1 'valid' convolution of channels-last (B, H, W, C) `x` with a (kh, kw, in, out) `kernel`;
-    on jax on a CPU, a large map is convolved in row bands (above) and the bands concatenated."""
-    bands = _bands(x, kernel)
-    if bands == 1:
-        return ops.conv(x, kernel, padding="valid")
-    rows, halo = ops.shape(x)[1] - kernel.shape[0] + 1, kernel.shape[0] - 1
-    step = -(-rows // bands)
-    return ops.concatenate([ops.conv(x[:, start : start + step + halo], kernel, padding="valid")
-                            for start in range(0, rows, step)], axis=1)
-
-
-def same_conv(x, kernel, bias=None):
-    """Stride-1 'same' convolution with an odd-sized `kernel`, plus `bias` (row bands as `valid_conv`)."""
-    kernel = ops.cast(kernel, x.dtype)
-    if _bands(x, kernel) == 1:
-        y = ops.conv(x, kernel, padding="same")
-    else:
-        pad_h, pad_w = kernel.shape[0] // 2, kernel.shape[1] // 2
-        y = valid_conv(ops.pad(x, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0))), kernel)
-    return y if bias is None else y + ops.cast(bias, x.dtype)
 
 
 def _torch_upsample_conv(x, kernel, bias):

@@ -54,16 +54,12 @@ class Layer(DirectCalls, keras.layers.Layer):
 
 
 class Conv2D(DirectCalls, keras.layers.Conv2D):
-    """`keras.layers.Conv2D` with `DirectCalls`; on torch its product is `torch_conv2d` (no layout copies),
-    elsewhere a stride-1 'same' one is `backend.same_conv` (large maps in row bands on XLA:CPU)."""
+    """`keras.layers.Conv2D` with `DirectCalls`; on torch its product is `torch_conv2d` (no layout copies)."""
 
     def call(self, inputs):
-        bias = self.bias if self.use_bias else None
-        if _TORCH:
-            return torch_conv2d(inputs, self.kernel, bias, self.strides, self.padding)
-        if self.padding == "same" and tuple(self.strides) == (1, 1) and self.kernel.shape[0] % 2:
-            return backend.same_conv(inputs, self.kernel, bias)  # in row bands where that is faster
-        return super().call(inputs)
+        if not _TORCH:
+            return super().call(inputs)
+        return torch_conv2d(inputs, self.kernel, self.bias if self.use_bias else None, self.strides, self.padding)
 
 
 class Linear(DirectCalls, keras.layers.Dense):
