@@ -279,8 +279,8 @@ class StableDiffusion3Backbone(keras.Model):
         if clip_skip is None and same_shapes:
             both = {k: ops.concatenate([token_ids[k], negative_token_ids[k]], axis=0) for k in token_ids}
             context, pooled = self.encode_text(both)
-            (positive, negative), (positive_pooled, negative_pooled) = (ops.split(x, 2, axis=0) for x in (context, pooled))
-            return positive, negative, positive_pooled, negative_pooled
+            n = ops.shape(context)[0] // 2  # slices, not `split`: torch's split views refuse in-place updates
+            return context[:n], context[n:], pooled[:n], pooled[n:]
         positive, positive_pooled = self.encode_text(token_ids, clip_skip)
         negative, negative_pooled = self.encode_text(negative_token_ids)
         return positive, negative, positive_pooled, negative_pooled
