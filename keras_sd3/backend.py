@@ -275,10 +275,10 @@ def _attention_head_by_head(q, k, v, scale=None):
 
     def one_head(qkv):  # long sequences (the VAE's attention): blocks of queries, each row's softmax whole
         q, k, v = qkv
-        block = max(1, _SCORES_PER_BLOCK // ops.shape(k)[0])
-        if length <= block:
+        count = -(-length // max(1, _SCORES_PER_BLOCK // ops.shape(k)[0]))
+        if count == 1:
             return rows(q, k, v)
-        count = -(-length // block)
+        block = -(-length // count)  # equal blocks: less than `count` padded rows
         blocks = ops.reshape(ops.pad(q, ((0, count * block - length), (0, 0))), (count, block, dim))
         return ops.reshape(ops.map(lambda q: rows(q, k, v), blocks), (-1, dim))[:length]
 
