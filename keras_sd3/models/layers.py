@@ -217,6 +217,10 @@ class Attention(Layer):
                 RMSNorm(head_dim, dtype=policy) if qk_norm else None for _ in range(2)
             )
             self.to_add_out = dense(context_dim, inner, policy) if context_output else None
+            if not context_output:  # loaded from checkpoints but unused, so never trained (no gradient)
+                self.add_q_proj.trainable = False
+                if self.norm_added_q is not None:
+                    self.norm_added_q.trainable = False
         self.built = True
 
     def _heads(self, x, projection, norm):

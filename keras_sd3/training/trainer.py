@@ -92,7 +92,7 @@ def enable_lora(backbone, rank=4, targets=("to_q", "to_k", "to_v", "to_out", "ad
         for name in targets:
             value = getattr(layer, name, None)
             for dense in value if isinstance(value, list) else [value]:
-                if isinstance(dense, keras.layers.Dense):
+                if isinstance(dense, keras.layers.Dense) and dense.trainable:  # (not the unused last add_q_proj)
                     dense.enable_lora(rank)
                     count += 1
     for variable in backbone.diffuser.weights:
