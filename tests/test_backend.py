@@ -32,16 +32,18 @@ def test_half_precision_linear_is_the_rounded_float32_product(dtype):
     assert np.all(error <= bound), (error - bound).max()
 
 
-def test_attention_in_query_blocks_matches_closed_form(monkeypatch):
-    """The head-by-head attention (jax on CPU) splits long sequences into blocks of queries, the last one
-    padded; forced here to blocks of 8 of 37 queries, the result is softmax(q k^T / sqrt(H)) v in float64
-    within 1e-5 (float32 arithmetic over 37 keys)."""
+@pytest.mark.parametrize("path", ["all heads at once", "head by head", "query blocks"])
+def test_cpu_attention_matches_closed_form(monkeypatch, path):
+    """XLA:CPU's attention (`backend._attention_on_cpu`) takes one of three paths by size; each is forced
+    here (blocks: 8 of 37 queries, the last one padded). The result is softmax(q k^T / sqrt(H)) v in
+    float64 within 1e-5 (float32 arithmetic over 37 keys)."""
     from keras_sd3 import backend
 
-    monkeypatch.setattr(backend, "_SCORES_PER_BLOCK", 37 * 8)
+    monkeypatch.setattr(backend, "_BATCHED_SCORES", 1 << 30 if path == "all heads at once" else 0)
+    monkeypatch.setattr(backend, "_SCORES_PER_BLOCK", 37 * 8 if path == "query blocks" else 1 << 30)
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 37, 3, 16)) for _ in range(3))  # (B, T, N, H)
-    out = backend._attention_head_by_head(*(keras.ops.cast(a, "float32") for a in (q, k, v)))
+    out = backend._attention_on_cpu(*(keras.ops.cast(a, "float32") for a in (q, k, v)))
     scores = np.einsum("btnh,bsnh->bnts", q, k) / 4.0
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bnts,bsnh->btnh", weights / weights.sum(-1, keepdims=True), v)
