@@ -259,17 +259,19 @@ _SCORES_PER_BLOCK = 1 << 24
 
 
 def _attention_on_cpu(q, k, v, scale=None):
-    """Softmax attention in float32 for XLA:CPU: one (batch, head) at a time through `ops.map` (`lax.map`).
+    """Softmax attention in float32 for XLA:CPU, in one of three ways by size.
 
-    XLA:CPU runs SD3 Medium's joint attention (2 x 24 heads over 1178 tokens) 3x faster this way than
-    as one batched attention (0.27 s vs 0.88 s per layer here): one head's (T, T) scores stay in cache.
-    Small attentions (the tiny models' 4 heads over 349 tokens) run every head at once: the embedded
-    text-to-image benchmark is 0.69× diffusers that way against 0.72-0.76× head by head.
-    Longer sequences go in blocks of queries with at most `_SCORES_PER_BLOCK` scores each (every row's
-    softmax is still whole, so the result is the same): the VAE's attention at 1024² (16384 pixels) took
-    31 s with the whole (T, T) matrix and takes 6.7 s this way (its mid block, jax on CPU).
+    - Small attentions (the tiny models' 4 heads over 349 tokens) run every head at once: the embedded
+      text-to-image benchmark is 0.69× diffusers that way against 0.72-0.76× head by head.
+    - Larger ones run one (batch, head) at a time through `ops.map` (`lax.map`): XLA:CPU runs SD3 Medium's
+      joint attention (2 x 24 heads over 1178 tokens) 3x faster this way than as one batched attention
+      (0.27 s vs 0.88 s per layer here): one head's (T, T) scores stay in cache.
+    - Long sequences also go in blocks of queries with at most `_SCORES_PER_BLOCK` scores each (every
+      row's softmax is still whole, so the result is the same): the VAE's attention at 1024² (16384
+      pixels) took 31 s with the whole (T, T) matrix and takes 6.7 s this way (its mid block, jax on CPU).
     """
     batch, length, heads, dim = ops.shape(q)
+    keys = ops.shape(k)[1]
     scale = dim**-0.5 if scale is None else scale
 
     def by_head(x):  # (B, T, N, H) -> (B * N, T, H) in float32
@@ -278,19 +280,20 @@ def _attention_on_cpu(q, k, v, scale=None):
     def rows(q, k, v):  # (..., T, H) each
         return ops.matmul(ops.softmax(ops.matmul(q * scale, ops.swapaxes(k, -1, -2)), axis=-1), v)
 
-    def one_head(qkv):  # long sequences (the VAE's attention): blocks of queries, each row's softmax whole
-        q, k, v = qkv
-        count = -(-length // max(1, _SCORES_PER_BLOCK // ops.shape(k)[0]))
-        if count == 1:
-            return rows(q, k, v)
-        block = -(-length // count)  # equal blocks: less than `count` padded rows
-        blocks = ops.reshape(ops.pad(q, ((0, count * block - length), (0, 0))), (count, block, dim))
-        return ops.reshape(ops.map(lambda q: rows(q, k, v), blocks), (-1, dim))[:length]
-
     q, k, v = by_head(q), by_head(k), by_head(v)
-    if batch * heads * length * ops.shape(k)[1] <= _BATCHED_SCORES:  # small: all heads at once
+    if batch * heads * length * keys <= _BATCHED_SCORES:
         out = rows(q, k, v)
     else:
+        count = -(-length // max(1, _SCORES_PER_BLOCK // keys))  # query blocks per head
+        block = -(-length // count)  # equal blocks: fewer than `count` padded rows
+
+        def one_head(qkv):
+            q, k, v = qkv
+            if count == 1:
+                return rows(q, k, v)
+            blocks = ops.reshape(ops.pad(q, ((0, count * block - length), (0, 0))), (count, block, dim))
+            return ops.reshape(ops.map(lambda q: rows(q, k, v), blocks), (-1, dim))[:length]
+
         out = ops.map(one_head, (q, k, v))  # (B * N, T, H)
     return ops.transpose(ops.reshape(out, (batch, heads, length, dim)), (0, 2, 1, 3))
 
