@@ -211,6 +211,18 @@ def test_same_seed_same_images_and_num_images(setup):
     assert np.any(a != c)
 
 
+def test_num_images_encodes_each_prompt_once(setup):
+    # diffusers' num_images_per_prompt encodes a prompt once and repeats its embeddings; so do we.
+    _, tasks = setup
+    task, batches = tasks["text"], []
+    original = task.compiled.encode_text
+    spy = lambda ids, negative_ids: batches.append(len(ids["clip_l"])) or original(ids, negative_ids)  # noqa: E731
+    with mock.patch.object(task.compiled, "encode_text", spy):
+        images = task.generate(PROMPTS, num_steps=1, seed=11, num_images=3)
+    assert batches == [len(PROMPTS)]
+    assert images.shape == (3 * len(PROMPTS), H, W, 3)
+
+
 def test_changing_prompt_guidance_steps_strength_does_not_recompile(setup):
     _, tasks = setup
     task = tasks["image"]

@@ -99,17 +99,17 @@ class GenerationTask:
 
     def prepare(self, inputs, required_keys, embeddings, num_images):
         """-> (single, the dict of inputs, embeddings repeated for `num_images` per prompt)."""
-        if embeddings is None:
+        if embeddings is None:  # each prompt encoded once, then repeated (as diffusers' num_images_per_prompt)
             prompts, negatives, single, inputs = parse_prompts(inputs, required_keys)
-            prompts = [p for p in prompts for _ in range(num_images)]
-            negatives = [n for n in negatives for _ in range(num_images)]
             embeddings = self.encode(prompts, negatives)
         else:
             if len(embeddings) != 4:
                 raise ValueError("embeddings must be the 4-tuple (positive, negative, positive_pooled, negative_pooled).")
             inputs, single = (inputs if isinstance(inputs, dict) else {}), False
-            embeddings = tuple(ops.repeat(ops.convert_to_tensor(e), num_images, axis=0) for e in embeddings)
-        return single, inputs, embeddings
+            embeddings = tuple(ops.convert_to_tensor(e) for e in embeddings)
+        if num_images == 1:
+            return single, inputs, embeddings
+        return single, inputs, tuple(ops.repeat(ops.convert_to_tensor(e), num_images, axis=0) for e in embeddings)
 
     def run(self, latents, embeddings, num_steps, guidance_scale, start=0, inpaint=None, output="images",
             skip_layer_guidance=None, callback=None, progress=False, sampler="euler", shift=None, step_cache=None):
