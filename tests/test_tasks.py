@@ -100,6 +100,20 @@ def test_text_to_image_matches_diffusers(setup, prompts, negatives, guidance_sca
     assert_images_close(ours if batch > 1 else ours[None], expected)
 
 
+def test_num_images_matches_diffusers_num_images_per_prompt(setup):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe, tasks = setup
+    latents = noise(2 * len(PROMPTS), seed=5)  # images of a prompt next to each other: p0, p0, p1, p1
+    ours = tasks["text"].generate(PROMPTS, num_steps=2, guidance_scale=5.0, latents=latents, num_images=2)
+    expected = reference(
+        pipe, StableDiffusion3Pipeline, "pipeline_stable_diffusion_3", latents, prompt=PROMPTS,
+        num_images_per_prompt=2, num_inference_steps=2, guidance_scale=5.0, height=H, width=W,
+        latents=to_nchw(latents),
+    )
+    assert_images_close(ours, expected)
+
+
 @pytest.mark.parametrize("strength", [0.5, 0.8, 1.0])
 def test_image_to_image_matches_diffusers(setup, strength):
     from diffusers import StableDiffusion3Img2ImgPipeline
