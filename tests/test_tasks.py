@@ -237,6 +237,22 @@ def test_num_images_encodes_each_prompt_once(setup):
     assert images.shape == (3 * len(PROMPTS), H, W, 3)
 
 
+def test_repeated_texts_are_encoded_once_and_match_diffusers(setup):
+    # A server's batch: prompts and (mostly empty) negative prompts that repeat.
+    pipe, tasks = setup
+    task, batches = tasks["text"], []
+    prompts, negatives = [PROMPTS[0], PROMPTS[1], PROMPTS[0]], ["", "", "dark"]
+    original = task.compiled.encode_text
+    spy = lambda ids, negative_ids: batches.append((len(ids["clip_l"]), len(negative_ids["clip_l"]))) or original(ids, negative_ids)  # noqa: E731
+    with mock.patch.object(task.compiled, "encode_text", spy):
+        ours = task.encode(prompts, negatives)
+    assert batches == [(2, 2)]
+    with torch.no_grad():
+        expected = pipe.encode_prompt(prompts, prompts, prompts, negative_prompt=negatives)
+    for actual, reference in zip(ours, expected):  # (positive, negative, positive_pooled, negative_pooled)
+        assert_close(keras.ops.convert_to_numpy(actual), reference.numpy())
+
+
 def test_changing_prompt_guidance_steps_strength_does_not_recompile(setup):
     _, tasks = setup
     task = tasks["image"]

@@ -13,6 +13,12 @@ from keras_sd3.tasks.loop import CompiledSteps, initial_state, scalar
 from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
 
 
+def distinct(texts):
+    """-> (each text once, in order of first use; the index of each of `texts` in it, None if all differ)."""
+    unique = list(dict.fromkeys(texts))
+    return unique, None if len(unique) == len(texts) else np.array([unique.index(t) for t in texts], np.int32)
+
+
 def to_uint8(images):
     """Images in [-1, 1] -> uint8 in [0, 255] (clipped, rounded)."""
     images = np.clip((np.asarray(images, dtype=np.float32) + 1.0) / 2.0, 0.0, 1.0)
@@ -80,12 +86,17 @@ class GenerationTask:
         return check_num_steps(num_steps), check_guidance_scale(guidance_scale), skip_layer_guidance
 
     def encode(self, prompts, negatives):
-        """Prompts -> the 4-tuple of embeddings."""
+        """Prompts -> the 4-tuple of embeddings. A text that comes more than once in a list (a server's
+        batch of jobs, most with the empty negative prompt) goes through the text encoders once."""
         if self.preprocessor is None:
             raise ValueError("This task has no preprocessor: pass precomputed `embeddings` to generate().")
-        return self.compiled.encode_text(
+        (prompts, positions), (negatives, negative_positions) = distinct(prompts), distinct(negatives)
+        positive, negative, positive_pooled, negative_pooled = self.compiled.encode_text(
             self.preprocessor.generate_preprocess(prompts), self.preprocessor.generate_preprocess(negatives)
         )
+        spread = lambda x, at: x if at is None else ops.take(x, at, axis=0)  # noqa: E731
+        return (spread(positive, positions), spread(negative, negative_positions),
+                spread(positive_pooled, positions), spread(negative_pooled, negative_positions))
 
     def noise(self, batch, seed):
         """Gaussian noise for `batch` images, the same for a seed on every backend (NumPy's PCG64)."""
