@@ -1,5 +1,6 @@
 """Generation tasks vs diffusers' SD3 pipelines end to end, compilation, and input validation."""
 
+import contextlib
 from unittest import mock
 
 import keras
@@ -225,27 +226,34 @@ def test_same_seed_same_images_and_num_images(setup):
     assert np.any(a != c)
 
 
+@contextlib.contextmanager
+def encoder_batches(task):
+    """The (prompts, negative prompts) batch sizes of each call of `task`'s text program, as a list."""
+    batches, original = [], task.compiled.encode_text
+
+    def spy(ids, negative_ids):
+        batches.append((len(ids["clip_l"]), len(negative_ids["clip_l"])))
+        return original(ids, negative_ids)
+
+    with mock.patch.object(task.compiled, "encode_text", spy):
+        yield batches
+
+
 def test_num_images_encodes_each_prompt_once(setup):
     # diffusers' num_images_per_prompt encodes a prompt once and repeats its embeddings; so do we.
     _, tasks = setup
-    task, batches = tasks["text"], []
-    original = task.compiled.encode_text
-    spy = lambda ids, negative_ids: batches.append(len(ids["clip_l"])) or original(ids, negative_ids)  # noqa: E731
-    with mock.patch.object(task.compiled, "encode_text", spy):
-        images = task.generate(PROMPTS, num_steps=1, seed=11, num_images=3)
-    assert batches == [len(PROMPTS)]
+    with encoder_batches(tasks["text"]) as batches:
+        images = tasks["text"].generate(PROMPTS, num_steps=1, seed=11, num_images=3)
+    assert batches == [(len(PROMPTS), 1)]  # each prompt once; their empty negative prompts once in all
     assert images.shape == (3 * len(PROMPTS), H, W, 3)
 
 
 def test_repeated_texts_are_encoded_once_and_match_diffusers(setup):
     # A server's batch: prompts and (mostly empty) negative prompts that repeat.
     pipe, tasks = setup
-    task, batches = tasks["text"], []
     prompts, negatives = [PROMPTS[0], PROMPTS[1], PROMPTS[0]], ["", "", "dark"]
-    original = task.compiled.encode_text
-    spy = lambda ids, negative_ids: batches.append((len(ids["clip_l"]), len(negative_ids["clip_l"]))) or original(ids, negative_ids)  # noqa: E731
-    with mock.patch.object(task.compiled, "encode_text", spy):
-        ours = task.encode(prompts, negatives)
+    with encoder_batches(tasks["text"]) as batches:
+        ours = tasks["text"].encode(prompts, negatives)
     assert batches == [(2, 2)]
     with torch.no_grad():
         expected = pipe.encode_prompt(prompts, prompts, prompts, negative_prompt=negatives)

@@ -118,9 +118,9 @@ class GenerationTask:
                 raise ValueError("embeddings must be the 4-tuple (positive, negative, positive_pooled, negative_pooled).")
             inputs, single = (inputs if isinstance(inputs, dict) else {}), False
             embeddings = tuple(ops.convert_to_tensor(e) for e in embeddings)
-        if num_images == 1:
-            return single, inputs, embeddings
-        return single, inputs, tuple(ops.repeat(ops.convert_to_tensor(e), num_images, axis=0) for e in embeddings)
+        if num_images > 1:
+            embeddings = tuple(ops.repeat(e, num_images, axis=0) for e in embeddings)
+        return single, inputs, embeddings
 
     def run(self, latents, embeddings, num_steps, guidance_scale, start=0, inpaint=None, output="images",
             skip_layer_guidance=None, callback=None, progress=False, sampler="euler", shift=None, step_cache=None):
