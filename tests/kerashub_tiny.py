@@ -18,6 +18,10 @@ from tiny_text import train_clip_tokenizer, train_t5_tokenizer  # noqa: E402
 
 PROMPTS = ["a red circle on a blue background", "Astronaut in a jungle, cold color palette"]
 NEGATIVE = ["", "blurry"]
+# "!" is CLIP-G's pad token (id 0): transformers makes it a special token, keras-hub's CLIPTokenizer does not.
+BANG_PROMPTS = ["a castle, 8k!!", "!!!", "?!", "a red circle on a blue background!", "A RED Circle On A Blue!! BACKGROUND",
+                "", " ".join(["red circle!"] * 40)]
+BANG_PAIR = (["a castle, 8k!!", "a red circle on a blue background!!!"], ["?!", "!"])  # prompts, negative prompts
 T5_LENGTH = 40  # keras-hub's T5Preprocessor sequence length in the preset (keras_sd3 must read it)
 STEPS, GUIDANCE = 4, 4.0
 
@@ -92,7 +96,7 @@ def noise():
     return np.random.default_rng(0).standard_normal((len(PROMPTS), 8, 8, 16)).astype("float32")
 
 
-def hub_images(backbone, preprocessor, latents):
+def hub_images(backbone, preprocessor, latents, prompts=PROMPTS, negative=NEGATIVE):
     """keras-hub's own `generate()` (its preprocessing, compiled loop and uint8 conversion) from `latents`."""
     import keras
     from keras_hub.models import StableDiffusion3TextToImage
@@ -107,7 +111,7 @@ def hub_images(backbone, preprocessor, latents):
     task = StableDiffusion3TextToImage(backbone, preprocessor)
     real, text_to_image.random = text_to_image.random, FixedNoise
     try:
-        return np.asarray(task.generate({"prompts": PROMPTS, "negative_prompts": NEGATIVE},
+        return np.asarray(task.generate({"prompts": list(prompts), "negative_prompts": list(negative)},
                                         num_steps=STEPS, guidance_scale=GUIDANCE))
     finally:
         text_to_image.random = real
@@ -125,7 +129,11 @@ def main(out):
     negative = {k: keras.ops.convert_to_numpy(v) for k, v in preprocessor.generate_preprocess(NEGATIVE).items()}
     tensors = [{k: keras.ops.convert_to_tensor(v) for k, v in d.items()} for d in (ids, negative)]
     embeddings = [keras.ops.convert_to_numpy(e) for e in backbone.encode_text_step(*tensors)]
+    bang = [{k: keras.ops.convert_to_numpy(v) for k, v in preprocessor.generate_preprocess([p]).items()}
+            for p in BANG_PROMPTS]
     np.savez(root / "reference.npz", **{f"ids_{k}": v for k, v in ids.items()},
+             **{f"bang_{i}_{k}": v for i, d in enumerate(bang) for k, v in d.items()},
+             bang_images=hub_images(backbone, preprocessor, noise(), *BANG_PAIR),
              **{f"negative_{k}": v for k, v in negative.items()},
              **{f"embedding_{i}": e for i, e in enumerate(embeddings)},
              images=hub_images(backbone, preprocessor, noise()))

@@ -16,13 +16,16 @@ import keras_hub  # noqa: F401  (the README's test command installs it --no-deps
 import numpy as np
 import pytest
 from conftest import assert_close
-from kerashub_tiny import GUIDANCE, NEGATIVE, PROMPTS, STEPS, T5_LENGTH, build, hub_images, noise
+from kerashub_tiny import (BANG_PAIR, BANG_PROMPTS, GUIDANCE, NEGATIVE, PROMPTS, STEPS, T5_LENGTH, build, hub_images,
+                           noise)
 
 from keras_sd3 import presets
 from keras_sd3.errors import CheckpointError
 from keras_sd3.models import StableDiffusion3Backbone
 from keras_sd3.tasks import StableDiffusion3TextToImage
 from keras_sd3.text import StableDiffusion3TextToImagePreprocessor
+from keras_sd3.text.tokenizers import CLIPTokenizer
+from keras_sd3.weights import kerashub
 
 IMAGE_TOLERANCE = 2  # /255, the issue's bound for images from the same noise
 
@@ -54,9 +57,16 @@ def _ids(preprocessor, prompts):
 
 
 def test_tokenizers_match_kerashub(kerashub_preset):
+    """Token ids equal keras-hub's, "!" (CLIP-G's id-0 pad token) included: keras-hub byte-pair-encodes it
+    where transformers would make it a special token (BANG_PROMPTS: "!!", "!!!", "?!", a trailing "!",
+    upper case, the empty prompt, one of over 77 tokens)."""
     folder, _, hub_preprocessor = kerashub_preset
     preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(folder)
-    for prompt in PROMPTS + [""]:
+    # (the prompts tell the two rules apart: with "!" special, as for a diffusers folder, CLIP-G's ids differ)
+    vocab, merges, pad = kerashub.tokenizer_assets(folder)["clip_g"]
+    as_transformers = CLIPTokenizer(vocab, merges, pad_token=pad)
+    assert (as_transformers(BANG_PROMPTS[:4]) != _ids(hub_preprocessor, BANG_PROMPTS[:4])["clip_g"]).any(axis=1).all()
+    for prompt in PROMPTS + BANG_PROMPTS:
         expected, actual = _ids(hub_preprocessor, [prompt]), preprocessor.generate_preprocess([prompt])
         assert sorted(actual) == ["clip_g", "clip_l"]
         for key in actual:
@@ -84,10 +94,10 @@ def test_steps_match_kerashub(kerashub_preset):
     assert_close(_np(backbone.decode_step(latents)), _np(hub.decode_step(keras.ops.convert_to_tensor(latents))), rel=1e-5)
 
 
-def _generate(folder):
+def _generate(folder, prompts=PROMPTS, negative=NEGATIVE):
     """keras_sd3's text-to-image from `noise()`, loaded from the KerasHub folder alone."""
     task = StableDiffusion3TextToImage.from_preset(folder)
-    return task.generate({"prompts": PROMPTS, "negative_prompts": NEGATIVE}, num_steps=STEPS,
+    return task.generate({"prompts": list(prompts), "negative_prompts": list(negative)}, num_steps=STEPS,
                          guidance_scale=GUIDANCE, latents=noise())
 
 
@@ -98,14 +108,15 @@ def _assert_images_close(actual, expected):
     assert difference <= IMAGE_TOLERANCE, f"images differ by {difference}/255"
 
 
-def test_text_to_image_matches_kerashub(kerashub_preset):
+@pytest.mark.parametrize("prompts", [(PROMPTS, NEGATIVE), BANG_PAIR], ids=["plain", "bang"])
+def test_text_to_image_matches_kerashub(kerashub_preset, prompts):
     """keras-hub's own `generate()` (its noise replaced by ours) vs keras_sd3's, same prompts and settings.
 
     Both run the same Euler flow-matching schedule and CFG; no difference by design for text-to-image
     (KerasHub's image-to-image starts at another step, so only text-to-image is compared).
     """
     folder, hub, hub_preprocessor = kerashub_preset
-    _assert_images_close(_generate(folder), hub_images(hub, hub_preprocessor, noise()))
+    _assert_images_close(_generate(folder, *prompts), hub_images(hub, hub_preprocessor, noise(), *prompts))
 
 
 def test_t5_preset_matches_kerashub(kerashub_t5_preset):
@@ -118,11 +129,15 @@ def test_t5_preset_matches_kerashub(kerashub_t5_preset):
     for key in ("clip_l", "clip_g", "t5"):
         np.testing.assert_array_equal(ids[key], reference[f"ids_{key}"], err_msg=key)
         np.testing.assert_array_equal(negative[key], reference[f"negative_{key}"], err_msg=key)
+    for i, prompt in enumerate(BANG_PROMPTS):
+        for key, ids_ in preprocessor.generate_preprocess([prompt]).items():
+            np.testing.assert_array_equal(ids_, reference[f"bang_{i}_{key}"], err_msg=f"{key}: {prompt!r}")
     backbone = StableDiffusion3Backbone.from_preset(folder)
     assert backbone.t5.config.dense_act_fn == "gelu"  # keras-hub's "gelu" is the exact one
     for i, embedding in enumerate(backbone.encode_text_step(ids, negative)):
         assert_close(_np(embedding), reference[f"embedding_{i}"], rel=1e-5)
     _assert_images_close(_generate(folder), reference["images"])
+    _assert_images_close(_generate(folder, *BANG_PAIR), reference["bang_images"])
 
 
 def test_bad_t5_and_shard_index(kerashub_t5_preset, tmp_path):

@@ -44,7 +44,7 @@ class StableDiffusion3TextToImagePreprocessor:
         from keras_sd3.weights import kerashub
 
         if os.path.isdir(source) and kerashub.is_kerashub_folder(source):
-            clip = {name: CLIPTokenizer(vocab, merges, pad_token=pad)
+            clip = {name: CLIPTokenizer(vocab, merges, pad_token=pad, pad_is_special=False)
                     for name, (vocab, merges, pad) in kerashub.tokenizer_assets(source).items()}
             t5 = kerashub.t5_tokenizer_asset(source)
             return cls(clip["clip_l"], clip["clip_g"], t5 and T5Tokenizer.from_sentencepiece(*t5))

@@ -54,10 +54,14 @@ class CLIPTokenizer:
         merges: list of `(left, right)` merges (`merges.txt`).
         pad_token: `"<|endoftext|>"` for CLIP-L, `"!"` for CLIP-G.
         sequence_length: output length (77).
+        pad_is_special: whether the pad token is also a special token of the text, never split and
+            never merged: transformers' tokenizers (diffusers folders) make it one, so CLIP-G reads
+            "!!" as two "!" tokens; keras-hub's `CLIPTokenizer` (KerasHub presets) keeps only the start
+            and end tokens special and byte-pair-encodes "!!" like any other text.
     """
 
     def __init__(self, vocab, merges, pad_token="<|endoftext|>", sequence_length=77,
-                 bos_token="<|startoftext|>", eos_token="<|endoftext|>"):
+                 bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_is_special=True):
         for token in (bos_token, eos_token, pad_token):
             if token not in vocab:
                 raise ValueError(f"CLIP vocabulary has no {token!r} token.")
@@ -75,7 +79,7 @@ class CLIPTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False),
             ]
         )
-        self.tokenizer.add_special_tokens([bos_token, eos_token, pad_token])  # as transformers does
+        self.tokenizer.add_special_tokens([bos_token, eos_token] + [pad_token] * pad_is_special)
         self.sequence_length = sequence_length
         self.bos_id, self.eos_id, self.pad_id = (vocab[t] for t in (bos_token, eos_token, pad_token))
 
