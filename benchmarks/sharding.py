@@ -2,8 +2,9 @@
 
 Builds SD3.5 Large and SD3 Medium, each with CLIP-L, CLIP-G and T5-XXL and the VAE, with Keras' deferred
 initialisation (shapes, no values: nothing of the 26 GB is allocated) under a (batch, model) mesh of 8
-forced XLA CPU devices, and adds up each device's shard of every variable from the layouts the backbone
-gave them (`jax.sharding.NamedSharding.shard_shape`). Also lists the variables of 1M+ parameters left
+forced XLA CPU devices, and adds up each device's shard of every variable from the layout map's entry for
+its path (`jax.sharding.NamedSharding.shard_shape`), after checking that the entry is the layout the
+backbone gave the variable. Also lists the variables of 1M+ parameters left
 replicated outside the VAE (none are expected besides the few small embedders).
 
 Usage:
@@ -17,6 +18,7 @@ import warnings
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["KERAS_BACKEND"] = "jax"
 
+import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -37,9 +39,15 @@ def per_device(mmdit, mesh):
         warnings.simplefilter("ignore")  # 38 heads over 4 or 8 devices: split by columns (see layout.py)
         with keras.StatelessScope(initialize_variables=False):
             backbone = StableDiffusion3Backbone(mmdit, SD3_VAE, CLIP_L, CLIP_G, T5_XXL, dtype="bfloat16")
+    layout_map = keras.distribution.distribution()._layout_map
     parts, replicated = {}, []
     for variable in backbone.variables:
-        shard = variable._layout.backend_layout.shard_shape(tuple(variable.shape))
+        entry = layout_map[variable.path]
+        axes = tuple(entry.axes) if entry is not None else (None,) * len(variable.shape)
+        if axes != tuple(variable._layout.axes):
+            raise AssertionError(f"{variable.path}: the layout map says {axes}, the variable has {variable._layout.axes}")
+        shard = jax.sharding.NamedSharding(variable._layout.backend_layout.mesh,
+                                           jax.sharding.PartitionSpec(*axes)).shard_shape(tuple(variable.shape))
         part = variable.path.split("/")[0]
         parts[part] = parts.get(part, 0) + int(np.prod(shard)) * 2 / GIB
         if mesh != "1x1" and shard == tuple(variable.shape) and part != "vae" and np.prod(variable.shape) >= 2**20:

@@ -8,9 +8,11 @@ suite keeps its one device.) Prints one JSON object of measurements; the test ho
 - ModelParallel on (2, 4) and (4, 2) meshes (and (1, 8) for SD3), tiny checkpoints of the three variants with 8 heads
   everywhere (written here with diffusers / transformers): `encode_text_step`, `denoise_step` with
   guidance and skip-layer guidance, `decode_step` -> the largest difference relative to the largest
-  value of one device's output; every variable's sharding against the layout map; the size of each
+  value of one device's output; every variable's sharding against the distribution's layout map; the size of each
   device's shard of every split variable; the bytes that went from the host to one device while loading
   (a whole tensor on one device first, then split, would count; straight into shards does not).
+- The real models' shapes (no values) on the same meshes: every variable's layout against a fresh
+  `get_layout_map(mesh)` (CLIP's 77 positions are not split; T5's 32,128-row vocabulary is).
 - DataParallel over the 8 devices on the embedded model: text-to-image of 8 prompts, ControlNet images of 3
   prompts (padded to 8) and a 16-frame circular walk -> the largest pixel difference to one device;
   programs traced by a second call.
@@ -102,16 +104,47 @@ def steps(backbone, ids, negative_ids, latents):
     return [np.asarray(keras.ops.convert_to_numpy(x), np.float64) for x in outputs]
 
 
+def map_axes(layout_map, variable):
+    layout = layout_map[variable.path]
+    return tuple(layout.axes) if layout is not None else (None,) * len(variable.shape)
+
+
+def real_shapes():
+    """The real models (CLIP-L, CLIP-G, T5-XXL, the three MMDiTs; shapes only, no values) under meshes
+    2x4, 4x2, 1x8: the variables whose layout differs from a fresh `get_layout_map(mesh)`'s entry, and the
+    layouts of CLIP's 77-row position table and T5's 32,128-row vocabulary there."""
+    from keras_sd3.models import SD3_MEDIUM, SD3_VAE, SD35_LARGE, SD35_MEDIUM, CLIPConfig, T5Config
+
+    clip_g = CLIPConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                        hidden_act="gelu", projection_dim=1280)
+    results = {}
+    for name, mmdit in (("sd3", SD3_MEDIUM), ("sd35_medium", SD35_MEDIUM), ("sd35_large", SD35_LARGE)):
+        for shape in ((2, 4), (4, 2), (1, 8)):
+            set_mesh(shape)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 38 heads over 4 or 8 devices: split by columns
+                with keras.StatelessScope(initialize_variables=False):
+                    backbone = StableDiffusion3Backbone(mmdit, SD3_VAE, CLIPConfig(), clip_g, T5Config(), dtype="bfloat16")
+            fresh = StableDiffusion3Backbone.get_layout_map(keras.distribution.distribution().device_mesh)
+            layouts = {v.path: tuple(v._layout.axes) for v in backbone.variables}
+            results[f"{name} {shape[0]}x{shape[1]}"] = {
+                "wrong": [f"{v.path}: {layouts[v.path]} != {map_axes(fresh, v)}" for v in backbone.variables
+                          if layouts[v.path] != map_axes(fresh, v)],
+                "clip_positions": layouts["clip_g/text_model/embeddings/position_embedding/weight"],
+                "t5_vocabulary": layouts["t5/shared/weight"],
+                "mmdit_positions": layouts["diffuser/pos_embed/pos_embed"],
+            }
+    set_mesh(None)
+    return results
+
+
 def shardings(backbone, layout_map):
     """(variables whose sharding differs from the layout map's, split variables whose per-device shard is
     not 1/model of them, number of split variables)."""
     wrong, uneven, split = [], [], 0
     model = dict(zip(layout_map.device_mesh.axis_names, layout_map.device_mesh.shape))["model"]
     for variable in backbone.variables:
-        layout = layout_map[variable.path]
-        axes = tuple(layout.axes) if layout is not None else (None,) * len(variable.shape)
-        if any(axis and variable.shape[d] % model for d, axis in enumerate(axes)):
-            axes = (None,) * len(variable.shape)  # a table the model axis does not divide: replicated
+        axes = map_axes(layout_map, variable)
         spec = tuple(variable.value.sharding.spec) + (None,) * (len(variable.shape) - len(variable.value.sharding.spec))
         if spec != axes:
             wrong.append(f"{variable.path}: {spec} != {axes}")
@@ -226,5 +259,7 @@ def bad_meshes():
 
 
 if __name__ == "__main__":
+    # (real_shapes last: its variables without values stay queued for Keras' deferred initialisation,
+    # which the next StatelessScope would then run)
     print(json.dumps({"devices": len(jax.devices()), "model_parallel": model_parallel(sys.argv[1]),
-                      "data_parallel": data_parallel(), "errors": bad_meshes()}))
+                      "data_parallel": data_parallel(), "errors": bad_meshes(), "real_shapes": real_shapes()}))

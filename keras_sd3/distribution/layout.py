@@ -7,8 +7,14 @@ Variable paths read like the checkpoint: `<part>/<diffusers key, list indices jo
 kinds below. Megatron style: a (in, out) kernel is split by output columns where its output is split
 into heads or an MLP's hidden units (its bias likewise), by input rows where it takes them back (its
 bias replicated), so each device computes whole heads and whole hidden units and one all-reduce per
-attention / MLP joins them. Tables are split along their big axis (vocabulary, positions). What no
-rule names is replicated.
+attention / MLP joins them. Tables are split along their big axis (vocabulary, positions) where the
+model axis divides it: each table rule carries the real models' row count (CLIP 49,408 tokens and 77
+positions, T5 32,128, the MMDiT's 192² positions), so the map says "replicated" for a table the axis
+does not divide (CLIP's 77 positions on 2, 4 or 8 devices). What no rule names is replicated.
+
+The map is what is done: every variable's layout equals `layout_map[variable.path]`. A model whose
+table has another length than the real one (a tiny test model) is laid out by its own length, and the
+distribution's layout map gets an entry for that variable's path saying so when the backbone is built.
 """
 
 import functools
@@ -51,10 +57,13 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
         if name not in device_mesh.axis_names:
             raise ValueError(f"The device mesh has no axis {name!r} ({role}); its axes are "
                              f"{list(device_mesh.axis_names)}.")
+    model_size = dict(zip(device_mesh.axis_names, device_mesh.shape))[model_parallel_dim_name]
     layout_map = keras.distribution.LayoutMap(device_mesh)
     for part, rules in PARTS.items():
-        for pattern, kind in rules:
+        for pattern, kind, *rows in rules:
             for variable, axes in KINDS[kind].items():
+                if rows and rows[0] % model_size:
+                    axes = (None,) * len(axes)  # a table the axis does not divide stays whole
                 layout_map[f"{part}/(?:{pattern})/{variable}"] = tuple(
                     model_parallel_dim_name if axis == MODEL else axis for axis in axes)
     return layout_map
@@ -63,7 +72,7 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
 def rule_kind(path):
     """The kind of the `LAYOUT` rule that names the variable at `path`, or None."""
     part, _, rest = path.partition("/")
-    for pattern, kind in PARTS.get(part, ()):
+    for pattern, kind, *_ in PARTS.get(part, ()):
         if re.fullmatch(f"(?:{pattern})/[^/]+", rest):
             return kind
     return None
@@ -92,13 +101,28 @@ def apply_layouts(backbone, heads):
                          "distribution (keras.distribution.set_distribution(None)).")
     for variable in backbone.variables:
         variable._layout = None  # (a variable built eagerly got one from its earlier path)
-        variable._layout = checked_layout(variable, distribution.get_variable_layout(variable), heads)
+        layout = distribution.get_variable_layout(variable)
+        variable._layout = checked_layout(variable, layout, heads)
+        if variable._layout is not layout:
+            _record(distribution, variable.path, variable._layout)
         if variable._value is not None:
             variable._direct_assign(variable._value)
 
 
+def _record(distribution, path, layout):
+    """Makes the distribution's layout map say `layout` for the variable at `path` (an exact key wins
+    over the rules' patterns in a `LayoutMap`)."""
+    layout_map = getattr(distribution, "_layout_map", None)
+    if layout_map is None:
+        return
+    if path in set(layout_map):
+        del layout_map[path]
+    layout_map[path] = keras.distribution.TensorLayout(layout.axes, layout.device_mesh)
+
+
 def checked_layout(variable, layout, heads):
-    """`layout` for `variable`, or the replicated layout for a table the axis does not divide.
+    """`layout` for `variable`, or the replicated layout for a table the axis does not divide (a table
+    of another length than the real models', whose rule assumed the real length).
 
     A head count the axis does not divide (SD3.5 Large: 38 heads) is allowed where the width is
     divisible: the projections are then split by columns across heads, and XLA regroups the heads for

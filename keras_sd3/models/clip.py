@@ -18,7 +18,8 @@ LAYOUT = (
     (r"text_model/encoder/layers_\d+/self_attn/out_proj", "head_rows"),
     (r"text_model/encoder/layers_\d+/mlp/fc1", "columns"),
     (r"text_model/encoder/layers_\d+/mlp/fc2", "rows"),
-    (r"text_model/embeddings/(token_embedding|position_embedding)", "table"),
+    (r"text_model/embeddings/token_embedding", "table", 49408),  # tables: the real models' row count
+    (r"text_model/embeddings/position_embedding", "table", 77),
     (r"text_projection", "columns"),
 )
 

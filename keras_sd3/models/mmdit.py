@@ -23,7 +23,7 @@ LAYOUT = (
     (r"transformer_blocks_\d+/(ff|ff_context)/net_0/proj", "columns"),
     (r"transformer_blocks_\d+/(ff|ff_context)/net_2", "rows"),
     (r"context_embedder", "columns"),
-    (r"pos_embed", "positions"),  # the (1, positions, D) table
+    (r"pos_embed", "positions", 192 * 192),  # the (1, positions, D) table: 192² (SD3.5 Medium 384², divisible alike)
 )
 
 

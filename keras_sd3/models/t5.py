@@ -22,7 +22,7 @@ LAYOUT = (
     (r"encoder/block_\d+/layer_0/SelfAttention/o", "head_rows"),
     (r"encoder/block_\d+/layer_1/DenseReluDense/(wi_0|wi_1)", "columns"),
     (r"encoder/block_\d+/layer_1/DenseReluDense/wo", "rows"),
-    (r"shared", "table"),
+    (r"shared", "table", 32128),  # the real vocabulary's rows
 )
 
 
