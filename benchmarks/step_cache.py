@@ -8,7 +8,7 @@ images to the uncached ones. `--model` / `--steps` / `--size` give the SD3-Mediu
 weights and embeddings: speed and skips only).
 
 Usage:
-    KERAS_BACKEND=jax python benchmarks/step_cache.py [--thresholds 0.05 0.1 0.15 0.2 0.3] [--repeats 3]
+    KERAS_BACKEND=jax python benchmarks/step_cache.py [--thresholds 0.05 0.1 0.15 0.2 0.3] [--repeats 3] [--batch 8]
     KERAS_BACKEND=jax python benchmarks/step_cache.py --sd3-medium --steps 28 --size 512 --thresholds 0.1 0.15
 """
 
@@ -36,12 +36,12 @@ def psnr(a, b):
 def embedded(args):
     task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes")
     steps, guidance, _ = task.settings(None, None, None)
-    items = evaluate.evaluation_prompts(48)
-    batches = [items[i:i + 8] for i in range(0, 48, 8)]
+    items, size = evaluate.evaluation_prompts(48), args.batch
+    batches = [items[i:i + size] for i in range(0, 48, size)]
 
     def run(step_cache):
         images, skipped = [], 0
-        for start, chunk in zip(range(0, 48, 8), batches):
+        for start, chunk in zip(range(0, 48, size), batches):
             noise = np.concatenate([task.noise(1, start + i) for i in range(len(chunk))])
             images.append(task.generate([p for p, _ in chunk], num_steps=steps, guidance_scale=guidance,
                                         latents=noise, step_cache=step_cache))
@@ -49,7 +49,7 @@ def embedded(args):
         return np.concatenate(images), skipped / (steps * len(batches))
 
     expected = [e for _, e in items]
-    return run, expected, f"embedded sd3_tiny_shapes, 48 prompts, {steps} steps, guidance {guidance}"
+    return run, expected, f"embedded sd3_tiny_shapes, 48 prompts in batches of {size}, {steps} steps, guidance {guidance}"
 
 
 def sd3_medium(args):
@@ -73,6 +73,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="prompts per generate() call (embedded model)")
     parser.add_argument("--sd3-medium", action="store_true")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--size", type=int, default=512)

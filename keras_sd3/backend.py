@@ -42,6 +42,29 @@ def split(x, count):
     return x.chunk(count, -1) if _TORCH else ops.split(x, count, axis=-1)
 
 
+def cast(x, dtype):
+    """`x` in `dtype` (a Keras dtype name or the backend's dtype)."""
+    if _TORCH:
+        return x.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return ops.cast(x, dtype)
+
+
+def cond(pred, true_fn, false_fn):
+    """`ops.cond`; torch decides in Python at once (its eager `ops.cond` does the same, after Keras'
+    search of the arguments for symbolic tensors)."""
+    if _TORCH:
+        return true_fn() if pred else false_fn()
+    return ops.cond(pred, true_fn, false_fn)
+
+
+def relative_change(new, old):
+    """mean |new - old| / mean |old| in float32 (a scalar), the step cache's measure of change."""
+    new, old = cast(new, "float32"), cast(old, "float32")
+    if _TORCH:
+        return (new - old).abs().mean() / (old.abs().mean() + 1e-12)
+    return ops.mean(ops.abs(new - old)) / (ops.mean(ops.abs(old)) + 1e-12)
+
+
 def silu(x):
     return torch.nn.functional.silu(x) if _TORCH else ops.silu(x)
 

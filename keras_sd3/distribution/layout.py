@@ -30,8 +30,10 @@ PARTS = {"diffuser": mmdit.LAYOUT, "vae": vae.LAYOUT, "clip_l": clip.LAYOUT, "cl
 
 # kind -> {variable name: the mesh axis of each of its dimensions}; other variables of the layer are replicated.
 KINDS = {
-    "columns": {"kernel": (None, MODEL), "bias": (MODEL,)},
-    "head_columns": {"kernel": (None, MODEL), "bias": (MODEL,)},  # q / k / v: also needs the heads to divide
+    # (int8 / int4 scales and zero points: (out,), or (groups, out) for int4 by groups, the axes right-aligned)
+    "columns": {"kernel": (None, MODEL), "bias": (MODEL,), "kernel_scale": (MODEL,), "kernel_zero": (MODEL,)},
+    "head_columns": {"kernel": (None, MODEL), "bias": (MODEL,), "kernel_scale": (MODEL,), "kernel_zero": (MODEL,)},
+    # q / k / v above: also needs the heads to divide
     "rows": {"kernel": (MODEL, None)},
     "head_rows": {"kernel": (MODEL, None)},  # attention output
     "table": {"weight": (MODEL, None)},  # (rows, D): replicated where the axis does not divide the rows
@@ -130,6 +132,9 @@ def checked_layout(variable, layout, heads):
     """
     sizes = dict(zip(layout.device_mesh.axis_names, layout.device_mesh.shape))
     kind, part = rule_kind(variable.path), variable.path.split("/")[0]
+    if len(layout.axes) < len(variable.shape):  # an int4 (groups, out) scale under an (out,) rule
+        layout = keras.distribution.TensorLayout(
+            (None,) * (len(variable.shape) - len(layout.axes)) + tuple(layout.axes), layout.device_mesh)
     for dim, axis in enumerate(layout.axes):
         if axis is None:
             continue

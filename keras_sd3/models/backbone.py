@@ -112,7 +112,8 @@ class StableDiffusion3Backbone(keras.Model):
         return get_layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
 
     @classmethod
-    def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=None):
+    def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=None, quantize=None,
+                    quantization_config=None):
         """Builds the backbone and loads its weights from a diffusers folder or a single `.safetensors` file.
 
         Text encoders are loaded when the checkpoint has them (`text_encoder*/` folders, or the
@@ -120,12 +121,21 @@ class StableDiffusion3Backbone(keras.Model):
         `t5_zero_tokens` defaults to the checkpoint's own value (`model_index.json` "_keras_sd3",
         written for the tiny models) or 77.
 
+        `quantize`: None, "int8" / "int4", or {part: mode} (parts "mmdit", "clip_l", "clip_g", "t5"),
+        with an optional Keras `quantization_config` (see `quantize`). Each selected layer is
+        quantized as soon as its weight is read, so no float copy of the whole model ever exists:
+        loading peaks at the quantized model plus one tensor. The result equals loading in float and
+        calling `quantize` afterwards.
+
         Raises:
             CheckpointError: the source is not an SD3 checkpoint, or a tensor is missing, unexpected
                 or mis-shaped (the message names it).
         """
         from keras_sd3.weights.checkpoint import open_checkpoint  # (keras_sd3.weights imports the model configs)
 
+        from keras_sd3 import quantization
+
+        modes = quantization.check_quantize(quantize)
         checkpoint = open_checkpoint(source)
         parts = {name: getattr(checkpoint, name) for name in TEXT_ENCODERS}
 
@@ -138,13 +148,44 @@ class StableDiffusion3Backbone(keras.Model):
             )
 
         def load(backbone):
-            load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}")
+            quantized = {id(layer._kernel): (layer, mode) for part, mode in modes.items()
+                         for layer in quantization.selected_layers(backbone, part)}
+
+            def loaded(variable):  # quantize a selected layer as soon as its weight is in
+                layer, mode = quantized.get(id(variable), (None, None))
+                if layer is not None:
+                    layer.quantize(mode, config=quantization_config)
+
+            load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}", loaded)
             load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")
             for name, part in parts.items():
                 if part is not None:
-                    load_layer_weights(getattr(backbone, name), part.tensors, f"{name} encoder of {checkpoint.path}")
+                    load_layer_weights(getattr(backbone, name), part.tensors, f"{name} encoder of {checkpoint.path}",
+                                       loaded)
+            if quantized:
+                backbone._lay_out()  # the quantized variables' layouts under a keras.distribution
 
         return build_then_load(build, load)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the large matrix products of the MMDiT and the text encoders with Keras' int8 /
+        int4 modes (Keras' `Model.quantize` signature; see `keras_sd3.quantization`).
+
+        Args:
+            mode: "int8" or "int4", or {part: mode} with parts "mmdit", "clip_l", "clip_g", "t5" (those
+                not named stay in float).
+            config: a Keras `QuantizationConfig`. int8 is weight-only unless it has an activation
+                quantizer (`keras.quantizers.Int8QuantizationConfig()`: W8A8).
+            filters: a regex (or list) searched in each layer's checkpoint path, or `layer -> bool`.
+
+        Tasks built before see the quantized weights (their compiled programs are rebuilt).
+        """
+        if kwargs:
+            raise ValueError(f"Unknown arguments to quantize: {sorted(kwargs)}.")
+        from keras_sd3 import quantization
+
+        quantization.quantize_backbone(self, mode, config, filters)
+        self._lay_out()
 
     @property
     def latent_shape(self):

@@ -66,10 +66,25 @@ class Linear(DirectCalls, keras.layers.Dense):
     """A `keras.layers.Dense` (same variables) whose product goes through `keras_sd3.backend.linear`.
 
     LoRA adapters attached by `keras_sd3.lora` (`backbone.load_lora`) each add their low-rank product.
+    `quantize("int8" | "int4", config=...)` is Keras' `Dense.quantize` (its variables and dtype
+    policy); the product is then `keras_sd3.quantization.quantized_linear`.
     """
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        from keras_sd3.quantization import quantize_linear
+
+        quantize_linear(self, mode, config)
+
+    def quantized_call(self, inputs, training=None):
+        return self.call(inputs)
+
     def call(self, inputs):
-        out = linear(inputs, self.kernel, self.bias)
+        if self.quantization_mode is None:
+            out = linear(inputs, self.kernel, self.bias)
+        else:
+            from keras_sd3.quantization import quantized_linear
+
+            out = quantized_linear(self, inputs)
         for adapter in getattr(self, "_lora_adapters", {}).values():
             out = out + adapter(inputs)
         return out

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sd3 import backend
 from keras_sd3.models.layers import Attention, FeedForward, Layer, Modulation, conv, dense, layer_norm, modulate
 
 # How `keras_sd3.distribution` splits the MMDiT over a mesh's model axis (Megatron style): a regex of a
@@ -231,16 +232,15 @@ class MMDiT(Layer):
         """Block 0, then the other blocks or the reuse of their last residual (see `step_cache`)."""
         after_first, context = self.transformer_blocks[0](x, context, temb)
         first = after_first - x
-        change = ops.mean(ops.abs(ops.cast(first, "float32") - ops.cast(previous_first, "float32")))
-        change = change / (ops.mean(ops.abs(ops.cast(previous_first, "float32"))) + 1e-12)
-        skip = ops.logical_and(allowed, change < threshold)
+        skip = allowed & (backend.relative_change(first, previous_first) < threshold)
+        cache_dtype = previous_first.dtype
 
         def reuse():
-            return after_first + ops.cast(previous_rest, after_first.dtype), previous_first, previous_rest
+            return after_first + backend.cast(previous_rest, self.compute_dtype), previous_first, previous_rest
 
         def compute():
             out = self._blocks(after_first, context, temb, 1)
-            return out, ops.cast(first, previous_first.dtype), ops.cast(out - after_first, previous_rest.dtype)
+            return out, backend.cast(first, cache_dtype), backend.cast(out - after_first, cache_dtype)
 
-        x, first, rest = ops.cond(skip, reuse, compute)
-        return x, (first, rest, ops.cast(skip, "float32"))
+        x, first, rest = backend.cond(skip, reuse, compute)
+        return x, (first, rest, backend.cast(skip, "float32"))

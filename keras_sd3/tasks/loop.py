@@ -45,7 +45,7 @@ def sampler_step(backbone, sampler, state, embeddings, step, num_steps, guidance
             return backbone.guided_velocity(*arguments), cache
         first, rest, passes, skipped = cache
         threshold, warmup = step_cache
-        allowed = ops.logical_and(passes > 0.0, ops.greater_equal(step, warmup))
+        allowed = (passes > 0.0) & (step >= warmup)
         v, (first, rest, skip) = backbone.guided_velocity(*arguments, step_cache=(threshold, allowed, first, rest))
         return v, (first, rest, passes + 1.0 - skip, skipped + skip)
 

@@ -48,7 +48,7 @@ def named_variables(layer, prefix=""):
             yield prefix + "bias", layer.bias, None
         return
     if isinstance(layer, keras.layers.Dense):
-        yield prefix + "weight", layer.kernel, _torch_linear
+        yield prefix + "weight", layer._kernel, _torch_linear  # (the variable; int8 / int4 once quantized)
         if layer.bias is not None:
             yield prefix + "bias", layer.bias, None
         return
@@ -93,13 +93,15 @@ def _describe(keys, limit=5):
     return ", ".join(f"'{k}'" for k in keys[:limit]) + more
 
 
-def load_layer_weights(layer, source, what="checkpoint"):
+def load_layer_weights(layer, source, what="checkpoint", loaded=None):
     """Copies every tensor of `source` into `layer`, strictly.
 
     Args:
         layer: a built keras_sd3 layer.
         source: a `TensorSource` keyed like `named_variables(layer)`.
         what: a name for the checkpoint part, used in error messages.
+        loaded: None, or a function called with each variable once it holds its tensor (quantized
+            loading quantizes the layer there).
 
     Raises:
         CheckpointError: a tensor is missing, unexpected, or of the wrong shape. Shapes are checked
@@ -129,6 +131,9 @@ def load_layer_weights(layer, source, what="checkpoint"):
         if transform is not None:
             value = transform(value)
         _set_value(var, np.ascontiguousarray(value).astype(var.dtype, copy=False))
+        del value
+        if loaded is not None:
+            loaded(var)
 
 
 def _pending():

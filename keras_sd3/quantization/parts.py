@@ -1,0 +1,95 @@
+"""Which layers of a backbone are quantized, and `backbone.quantize(mode)` over them."""
+
+import re
+
+from keras_sd3.models.layers import Linear
+
+MODES = ("int8", "int4")
+PARTS = ("mmdit", "clip_l", "clip_g", "t5")  # names in a `quantize={part: mode}` dict
+_ATTRIBUTES = {"mmdit": "diffuser", "clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5"}
+_MATMUL_KINDS = ("columns", "head_columns", "rows", "head_rows")
+
+
+def check_quantize(quantize):
+    """`quantize` (None, a mode, or {part: mode}) -> {part: mode}.
+
+    Raises:
+        ValueError: an unknown mode or part (the message lists the valid ones).
+    """
+    if quantize is None:
+        return {}
+    if isinstance(quantize, str):
+        quantize = dict.fromkeys(PARTS, quantize)
+    if not isinstance(quantize, dict):
+        raise ValueError(f"quantize must be None, one of {MODES} or a dict {{part: mode}} with parts {PARTS}; "
+                         f"got {quantize!r}.")
+    for part, mode in quantize.items():
+        if part not in PARTS:
+            raise ValueError(f"quantize names the part {part!r}; the parts are {PARTS} (the VAE stays in float).")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"quantize mode for {part} must be one of {MODES} or None, got {mode!r}.")
+    return {part: mode for part, mode in quantize.items() if mode is not None}
+
+
+def selected_layers(backbone, part):
+    """The `Linear` layers of `part` ("mmdit", "clip_l", ...) that quantization applies to: those whose
+    kernel a model-parallel `LAYOUT` rule splits (the large matrix products), in checkpoint order."""
+    from keras_sd3.distribution.layout import rule_kind
+    from keras_sd3.weights.assign import named_variables
+
+    model = getattr(backbone, _ATTRIBUTES[part], None)
+    if model is None:
+        return []
+    layers = [layer for layer in _linears(model) if layer.quantization_mode is None]
+    return [layer for layer in layers if rule_kind(layer._kernel.path) in _MATMUL_KINDS]
+
+
+def _linears(layer, seen=None):
+    seen = set() if seen is None else seen
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        if isinstance(sub, Linear) and id(sub) not in seen:
+            seen.add(id(sub))
+            yield sub
+
+
+def _matches(layer, filters):
+    if filters is None:
+        return True
+    if callable(filters):
+        return bool(filters(layer))
+    patterns = [filters] if isinstance(filters, str) else list(filters)
+    path = layer._kernel.path.rpartition("/")[0]
+    return any(re.search(p, path) for p in patterns)
+
+
+def quantize_backbone(backbone, mode=None, config=None, filters=None):
+    """Quantizes the backbone's large matrix products in place (see `keras_sd3.quantization`).
+
+    Args:
+        mode: "int8" or "int4" for every part, or {part: mode} (parts "mmdit", "clip_l", "clip_g", "t5";
+            those not named stay in float). With `config` alone, the config's mode.
+        config: a Keras `QuantizationConfig` (`Int8QuantizationConfig`, `Int4QuantizationConfig`).
+        filters: a regex (or list) searched in the layer's checkpoint path
+            (`diffuser/transformer_blocks_3/attn/to_q`), or a callable `layer -> bool`.
+
+    Returns:
+        The number of layers quantized.
+    """
+    if mode is None and config is not None:
+        mode = config.mode
+    modes = check_quantize(mode)
+    if not modes:
+        raise ValueError(f"quantize needs a mode ({MODES}) or a Keras quantization config; got mode={mode!r}.")
+    if config is not None and getattr(config, "mode", None) not in (None, *modes.values()):
+        raise ValueError(f"The quantization config is for {config.mode!r}, but the mode is {mode!r}.")
+    for part, part_mode in modes.items():
+        if part_mode == "int4" and config is not None and getattr(config, "activation_quantizer", None) is not None:
+            raise ValueError("int4 is weight-only here: give Int4QuantizationConfig(activation_quantizer=None).")
+    count = 0
+    for part, part_mode in modes.items():
+        for layer in selected_layers(backbone, part):
+            if _matches(layer, filters):
+                layer.quantize(part_mode, config=config)
+                count += 1
+    backbone.lora_version = getattr(backbone, "lora_version", 0) + 1  # compiled programs read other variables now
+    return count
