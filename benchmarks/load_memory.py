@@ -4,10 +4,13 @@ Writes a diffusers folder with random SD3-Medium weights in float16 (transformer
 once, then loads it in a fresh process per backend and reports the peak resident memory added by
 `from_preset` (model construction + loading) relative to the size of the weights, and its wall time;
 `diffusers` loads the same folder with `SD3Transformer2DModel` / `AutoencoderKL.from_pretrained`
-(float16) for comparison, `diffusers-read` then reads every weight once.
+(float16) for comparison, `diffusers-read` then reads every weight once. `--quantize int8 int4` adds
+rows loaded with `from_preset(..., quantize=MODE)`: each layer is quantized as its weight is read, so
+the peak should stay within the quantized model plus the largest tensor in float32 (both printed).
 
 Usage:
     python benchmarks/load_memory.py [--folder /tmp/sd3m_random] [--backends jax torch tensorflow diffusers diffusers-read]
+    python benchmarks/load_memory.py --backends jax torch --quantize none int8 int4
 """
 
 import argparse
@@ -67,28 +70,36 @@ def load_diffusers(folder, touch=False):
     return before, start
 
 
-def load_keras_sd3(folder):
-    import keras  # noqa: F401  (the backend's own memory is the baseline)
+def load_keras_sd3(folder, quantize=None):
+    """-> (RSS before, start time, bytes of the loaded model's variables, bytes of its largest weight in float32)."""
+    import keras
+    import numpy as np
 
     from keras_sd3.models import StableDiffusion3Backbone
 
     before, start = memory("VmRSS"), time.perf_counter()
-    StableDiffusion3Backbone.from_preset(folder, image_shape=(512, 512, 3), dtype="float16")
-    return before, start
+    backbone = StableDiffusion3Backbone.from_preset(folder, image_shape=(512, 512, 3), dtype="float16",
+                                                    quantize=quantize)
+    sizes = [(int(np.prod(v.shape)), np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize)
+             for v in backbone.variables]
+    return before, start, sum(n * b for n, b in sizes), max(n for n, _ in sizes) * 4
 
 
 def worker(folder, implementation):
+    model, largest = 0, 0
     if implementation.startswith("diffusers"):
         before, start = load_diffusers(folder, touch=implementation == "diffusers-read")
     else:
-        before, start = load_keras_sd3(folder)
-    print(memory("VmHWM") - before, time.perf_counter() - start)
+        quantize = implementation.partition(":")[2] or None
+        before, start, model, largest = load_keras_sd3(folder, None if quantize == "none" else quantize)
+    print(memory("VmHWM") - before, time.perf_counter() - start, model, largest)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default="/tmp/sd3m_random_fp16")
     parser.add_argument("--backends", nargs="+", default=["jax", "torch", "tensorflow", "diffusers", "diffusers-read"])
+    parser.add_argument("--quantize", nargs="+", default=["none"], help="none, int8, int4 (keras_sd3 backends)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -97,19 +108,24 @@ def main():
     write_checkpoint(args.folder)
     weights = folder_bytes(args.folder)
     print(f"weights on disk (float16): {weights / 2**30:.2f} GiB")
-    print("| implementation | peak RSS added by loading | ratio to weights | seconds |")
-    print("|---|---|---|---|")
-    for backend in args.backends:
+    print("| implementation | peak RSS added by loading | ratio to weights | seconds | loaded model GiB | "
+          "largest weight in float32 GiB |")
+    print("|---|---|---|---|---|---|")
+    runs = [(b, None) for b in args.backends if b.startswith("diffusers")]
+    runs = [(b, q) for b in args.backends if not b.startswith("diffusers") for q in args.quantize] + runs
+    for backend, quantize in runs:
         env = dict(os.environ, KERAS_BACKEND="torch" if backend.startswith("diffusers") else backend)
-        result = subprocess.run(
-            [sys.executable, __file__, "--worker", backend, "--folder", args.folder], env=env, capture_output=True, text=True
-        )
+        implementation = backend if quantize is None else f"{backend}:{quantize}"
+        result = subprocess.run([sys.executable, __file__, "--worker", implementation, "--folder", args.folder],
+                                env=env, capture_output=True, text=True)
         if result.returncode:
-            print(f"| {backend} | failed: {result.stderr.strip().splitlines()[-1]} | | |", flush=True)
+            print(f"| {implementation} | failed: {result.stderr.strip().splitlines()[-1]} | | | | |", flush=True)
             continue
-        added, seconds = result.stdout.strip().splitlines()[-1].split()
-        name = backend if backend.startswith("diffusers") else f"keras_sd3 {backend}"
-        print(f"| {name} | {int(added) / 2**30:.2f} GiB | {int(added) / weights:.2f} | {float(seconds):.1f} |", flush=True)
+        added, seconds, model, largest = result.stdout.strip().splitlines()[-1].split()
+        name = backend if backend.startswith("diffusers") else f"keras_sd3 {backend}" + (
+            f" {quantize}" if quantize not in (None, "none") else "")
+        print(f"| {name} | {int(added) / 2**30:.2f} GiB | {int(added) / weights:.2f} | {float(seconds):.1f} | "
+              f"{int(model) / 2**30:.2f} | {int(largest) / 2**30:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

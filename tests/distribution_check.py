@@ -11,6 +11,7 @@ suite keeps its one device.) Prints one JSON object of measurements; the test ho
   value of one device's output; every variable's sharding against the distribution's layout map; the size of each
   device's shard of every split variable; the bytes that went from the host to one device while loading
   (a whole tensor on one device first, then split, would count; straight into shards does not).
+- The SD3 tiny model quantized (int8, int4) on meshes 2x4 and 1x8 against one device, and its shardings.
 - The real models' shapes (no values) on the same meshes: every variable's layout against a fresh
   `get_layout_map(mesh)` (CLIP's 77 positions are not split; T5's 32,128-row vocabulary is).
 - DataParallel over the 8 devices on the embedded model: text-to-image of 8 prompts, ControlNet images of 3
@@ -185,6 +186,36 @@ def model_parallel(root):
     return results
 
 
+def quantized_parallel(root):
+    """The SD3 tiny model (written by `model_parallel`) loaded with quantize="int8" and "int4" on meshes 2x4
+    and 1x8 against the same quantized model on one device, and its shardings against the layout map."""
+    folder = os.path.join(root, "sd3")
+    preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(folder)
+    ids, negative_ids = preprocessor.generate_preprocess(PROMPTS), preprocessor.generate_preprocess(["", "blurry"])
+    latents = np.random.default_rng(1).standard_normal((2, *conftest.LATENT_SHAPE)).astype("float32")
+    results = {}
+    for mode in ("int8", "int4"):
+        set_mesh(None)
+        load = lambda: StableDiffusion3Backbone.from_preset(folder, image_shape=conftest.IMAGE_SHAPE, quantize=mode)  # noqa: E731
+        expected = steps(load(), ids, negative_ids, latents)
+        for shape in ((2, 4), (1, 8)):
+            set_mesh(shape)
+            backbone = load()
+            wrong, uneven, _ = shardings(backbone, keras.distribution.distribution()._layout_map)
+            got = steps(backbone, ids, negative_ids, latents)
+            split = [v.path for v in backbone.variables if v.dtype == "int8" or v.path.endswith("/kernel_scale")]
+            split = [p for p in split if "model" in map_axes(keras.distribution.distribution()._layout_map,
+                                                            next(v for v in backbone.variables if v.path == p))]
+            results[f"{mode} {shape[0]}x{shape[1]}"] = {
+                "relative_difference": max(float(np.abs(g - e).max() / np.abs(e).max()) for g, e in zip(got, expected)),
+                "wrong_shardings": wrong, "uneven_shards": uneven,
+                "split_int_kernels": sum(1 for p in split if p.endswith("/kernel")),
+                "split_scales": sum(1 for p in split if p.endswith("/kernel_scale")),
+            }
+    set_mesh(None)
+    return results
+
+
 def data_parallel():
     prompts = [f"a {c} {s} on a white background" for c in ("red", "blue") for s in ("circle", "square", "triangle", "star")]
     results = {}
@@ -262,4 +293,5 @@ if __name__ == "__main__":
     # (real_shapes last: its variables without values stay queued for Keras' deferred initialisation,
     # which the next StatelessScope would then run)
     print(json.dumps({"devices": len(jax.devices()), "model_parallel": model_parallel(sys.argv[1]),
+                      "quantized_parallel": quantized_parallel(sys.argv[1]),
                       "data_parallel": data_parallel(), "errors": bad_meshes(), "real_shapes": real_shapes()}))

@@ -179,6 +179,8 @@ def model_never_loads(monkeypatch):
         (["walk", "x", "--kind", "interpolate"], "--to goes with --kind interpolate (and it needs --to)"),
         (["walk", "x", "-o", "walk.jpg"], "-o/--output must end in .gif, .mp4, .webm, .mov, .png, got 'walk.jpg'"),
         (["walk", "x", "--frames", "1"], "--frames must be an integer >= 2, got '1'"),
+        (["generate", "x", "--quantize", "int3"], "--quantize must be int8 or int4, or PART=MODE pairs"),
+        (["walk", "x", "--quantize", "vae=int8"], "PART one of mmdit, clip_l, clip_g, t5"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_before_loading(args, message, picture, tmp_path, capsys,
@@ -293,6 +295,17 @@ def test_sampler_and_shift_options_give_the_api_image(tmp_path):
     task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes")
     expected = task.generate({"prompts": "a red circle on a blue background", "negative_prompts": ""}, num_steps=4,
                              seed=2, sampler="dpmpp_2m", shift=2.5)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_quantize_option_gives_the_api_image(tmp_path):
+    out = str(tmp_path / "int8.png")
+    assert run_cli("generate", "a red circle on a blue background", "--steps", "3", "--seed", "2",
+                   "--quantize", "mmdit=int8,t5=int4", "-o", out) == 0
+    task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes", quantize={"mmdit": "int8", "t5": "int4"})
+    assert task.backbone.diffuser.transformer_blocks[0].attn.to_q.quantization_mode == "int8"
+    expected = task.generate({"prompts": "a red circle on a blue background", "negative_prompts": ""}, num_steps=3,
+                             seed=2)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
 
 

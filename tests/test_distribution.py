@@ -55,6 +55,21 @@ def test_model_parallel_equals_one_device(eight_devices):
 
 
 @pytest.mark.skipif(not JAX, reason="keras.distribution is a jax feature; other backends: test_needs_jax")
+def test_quantized_model_parallel_equals_one_device(eight_devices):
+    """int8 / int4 kernels and their scales are split as the float kernels are (each device holds
+    1/model of each), and the split model computes what the quantized model computes on one device."""
+    runs = eight_devices["quantized_parallel"]
+    assert sorted(runs) == ["int4 1x8", "int4 2x4", "int8 1x8", "int8 2x4"]
+    for name, run in runs.items():
+        assert run["relative_difference"] <= MAX_RELATIVE, (name, run)
+        assert not run["wrong_shardings"], (name, run["wrong_shardings"][:5])
+        assert not run["uneven_shards"], (name, run["uneven_shards"][:5])
+        assert run["split_int_kernels"] >= 60, (name, run)
+        if name.startswith("int8"):
+            assert run["split_scales"] >= 30, (name, run)  # (int4's (groups, out) scales: split by columns too)
+
+
+@pytest.mark.skipif(not JAX, reason="keras.distribution is a jax feature; other backends: test_needs_jax")
 def test_layout_map_says_what_is_done(eight_devices):
     """At the real models' shapes every variable's layout is the fresh `get_layout_map(mesh)` entry for its
     path: CLIP's 77-row position table replicated (2, 4 and 8 do not divide 77), T5's 32,128-row

@@ -63,10 +63,31 @@ def add_mesh_argument(command):
                          "images at a time, the model split over M devices, e.g. 1x8 or 8x1 (default: one device)")
 
 
+QUANTIZE_MODES, QUANTIZE_PARTS = ("int8", "int4"), ("mmdit", "clip_l", "clip_g", "t5")  # as keras_sd3.quantization
+
+
+def quantize_mode(text):
+    """"int8", "int4" or "mmdit=int4,t5=int8" -> the `quantize=` argument of `from_preset`."""
+    if text in QUANTIZE_MODES:
+        return text
+    modes = {}
+    for item in text.split(","):
+        part, _, mode = item.partition("=")
+        if part.strip() not in QUANTIZE_PARTS or mode.strip() not in QUANTIZE_MODES:
+            raise argparse.ArgumentTypeError(
+                f"must be {' or '.join(QUANTIZE_MODES)}, or PART=MODE pairs joined by commas with PART one of "
+                f"{', '.join(QUANTIZE_PARTS)} (e.g. mmdit=int4,t5=int8); got {text!r}")
+        modes[part.strip()] = mode.strip()
+    return modes
+
+
 def add_model_arguments(command):
-    """`--model`, `--backend` and `--dtype`: which model every command loads, and how."""
+    """`--model`, `--backend`, `--dtype` and `--quantize`: which model every command loads, and how."""
     command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
                          "(default: %(default)s)")
     command.add_argument("--backend", choices=keras_backend.BACKENDS,
                          help="Keras backend (default: KERAS_BACKEND, else the first installed)")
     command.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+    command.add_argument("--quantize", type=quantize_mode, metavar="MODE", help="int8 or int4 weights for the MMDiT "
+                         "and text encoders (Keras quantization, weight-only), or PART=MODE,... with parts mmdit, "
+                         "clip_l, clip_g, t5 (default: the float dtype)")

@@ -58,7 +58,8 @@ def walk(args, kind):
 
     use_mesh(args.mesh)
     image_shape = None if args.size is None else (*args.size, 3)
-    task = models.StableDiffusion3TextToImage.from_preset(args.model, image_shape=image_shape, dtype=args.dtype)
+    task = models.StableDiffusion3TextToImage.from_preset(args.model, image_shape=image_shape, dtype=args.dtype,
+                                                          quantize=args.quantize)
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     options = dict(num_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size, progress=True,
                    negative_prompt=args.negative, seed=seed)

@@ -170,7 +170,18 @@ def unload(backbone, name):
 
 
 def fuse(backbone):
-    """Adds every adapter's `scale * alpha / rank * A @ B` to its base kernel, then drops the adapters."""
+    """Adds every adapter's `scale * alpha / rank * A @ B` to its base kernel, then drops the adapters.
+
+    Raises:
+        LoraError: an adapter sits on a quantized layer (checked before anything is merged).
+    """
+    quantized = sorted({layer._kernel.path.rpartition("/")[0] for name in names(backbone)
+                        for layer, _ in _adapters_named(backbone, name) if layer.quantization_mode is not None})
+    if quantized:
+        raise LoraError(f"fuse_loras cannot merge into quantized layers ({len(quantized)}, e.g. {quantized[0]}): a merged "
+                        "kernel would have to be quantized again, losing the LoRA's small changes to rounding. Keep "
+                        "the LoRA loaded (it runs in float beside the quantized kernel), or load the model in float, "
+                        "fuse, then quantize.")
     for name in names(backbone):
         for layer, adapter in _adapters_named(backbone, name):
             kernel = layer._kernel

@@ -90,6 +90,7 @@ class StableDiffusion3Backbone(keras.Model):
             else:
                 setattr(self, name, None)
         self.built = True
+        vars(self).pop("quantize", None)  # (Keras wraps `quantize` per instance with its one-mode checks; ours takes a dict too)
         self._lay_out()
 
     def _lay_out(self):
@@ -154,7 +155,7 @@ class StableDiffusion3Backbone(keras.Model):
             def loaded(variable):  # quantize a selected layer as soon as its weight is in
                 layer, mode = quantized.get(id(variable), (None, None))
                 if layer is not None:
-                    layer.quantize(mode, config=quantization_config)
+                    layer.quantize(mode, config=quantization.resolve_config(mode, quantization_config))
 
             load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}", loaded)
             load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")

@@ -71,9 +71,20 @@ def _float_kernel(layer):
     return backend.cast(kernel, dtype), None
 
 
+def _activation_quantizer(layer, x):
+    """The layer's activation quantizer; on CUDA torch int8 layers always quantize their activations, so
+    that the product runs on the int8 tensor cores instead of a float copy of the kernel at every call."""
+    quantizer = getattr(layer, "inputs_quantizer", None)
+    if quantizer is None and _TORCH and x.device.type == "cuda":
+        from keras import quantizers
+
+        quantizer = layer.inputs_quantizer = quantizers.AbsMaxQuantizer(axis=-1)
+    return quantizer
+
+
 def quantized_linear(layer, x):
     """`x @ W + b` for a quantized `Linear` (W8A8 when it has an activation quantizer)."""
-    if layer.quantization_mode == "int8" and getattr(layer, "inputs_quantizer", None) is not None:
+    if layer.quantization_mode == "int8" and _activation_quantizer(layer, x) is not None:
         out = _w8a8(layer, x)
     else:
         kernel, scale = _float_kernel(layer)

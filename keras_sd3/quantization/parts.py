@@ -31,6 +31,17 @@ def check_quantize(quantize):
     return {part: mode for part, mode in quantize.items() if mode is not None}
 
 
+def resolve_config(mode, config):
+    """The Keras config a layer is quantized with: `config`, else int8 weight-only
+    (`Int8QuantizationConfig(activation_quantizer=None)`; Keras' own default would quantize the
+    activations too) or Keras' default int4 (weight-only, groups of 128 input rows)."""
+    if config is None and mode == "int8":
+        import keras
+
+        return keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    return config
+
+
 def selected_layers(backbone, part):
     """The `Linear` layers of `part` ("mmdit", "clip_l", ...) that quantization applies to: those whose
     kernel a model-parallel `LAYOUT` rule splits (the large matrix products), in checkpoint order."""
@@ -89,7 +100,7 @@ def quantize_backbone(backbone, mode=None, config=None, filters=None):
     for part, part_mode in modes.items():
         for layer in selected_layers(backbone, part):
             if _matches(layer, filters):
-                layer.quantize(part_mode, config=config)
+                layer.quantize(part_mode, config=resolve_config(part_mode, config))
                 count += 1
     backbone.lora_version = getattr(backbone, "lora_version", 0) + 1  # compiled programs read other variables now
     return count

@@ -42,5 +42,5 @@ def serve(args):
     if args.host not in LOCAL_HOSTS:
         who = "API calls need the key" if args.api_key else "anyone who can reach this machine can use it (set --api-key)"
         print(f"keras-sd3: warning: serving on {args.host}, not only on this machine: {who}", file=sys.stderr)
-    app = create_app(args.model, args.outputs, args.max_batch, args.api_key, dtype=args.dtype)
+    app = create_app(args.model, args.outputs, args.max_batch, args.api_key, dtype=args.dtype, quantize=args.quantize)
     uvicorn.run(app, host=args.host, port=args.port)

@@ -53,11 +53,12 @@ class TaskCache:
     Args:
         model: a preset name, a diffusers folder or a .safetensors file.
         dtype: the backbone's dtype ("float32", "bfloat16", ...).
+        quantize: None, "int8" / "int4" or {part: mode} (`from_preset`'s).
     """
 
-    def __init__(self, model, dtype="float32"):
+    def __init__(self, model, dtype="float32", quantize=None):
         self.model = model
-        base = StableDiffusion3TextToImage.from_preset(model, dtype=dtype)
+        base = StableDiffusion3TextToImage.from_preset(model, dtype=dtype, quantize=quantize)
         self.backbone, self.preprocessor, self.defaults = base.backbone, base.preprocessor, base.defaults
         self.native_size = tuple(self.backbone.image_shape[:2])
         self._tasks = {("text-to-image", *self.native_size): base}
