@@ -156,7 +156,8 @@ def test_tasks_samplers_cache_controlnet_explore_compiled_once(tmp_path):
     assert np.abs(images - reference).mean() < 3, np.abs(images - reference).mean()
     traces = task.compiled.traces
     task.generate(PROMPTS[::-1], num_steps=3, seed=1)
-    assert task.compiled.traces == traces  # other prompts and steps: the same programs
+    if keras.config.backend() != "torch":  # (torch compiles nothing: its body runs at every call)
+        assert task.compiled.traces == traces  # other prompts and steps: the same programs
     for sampler in ("heun", "dpmpp_2m"):
         assert task.generate(PROMPTS[:1], num_steps=3, seed=0, sampler=sampler).shape == (1, 64, 64, 3)
     task.generate(PROMPTS[0], num_steps=6, seed=0, step_cache=0.15)
