@@ -78,8 +78,8 @@ def load_keras_sd3(folder, quantize=None):
     from keras_sd3.models import StableDiffusion3Backbone
 
     before, start = memory("VmRSS"), time.perf_counter()
-    backbone = StableDiffusion3Backbone.from_preset(folder, image_shape=(512, 512, 3), dtype="float16",
-                                                    quantize=quantize)
+    backbone = StableDiffusion3Backbone.from_preset(folder, image_shape=(512, 512, 3), quantize=quantize,
+                                                    dtype="bfloat16" if quantize else "float16")  # (Keras: no int8 over float16)
     sizes = [(int(np.prod(v.shape)), np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize)
              for v in backbone.variables]
     return before, start, sum(n * b for n, b in sizes), max(n for n, _ in sizes) * 4

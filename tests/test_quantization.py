@@ -109,6 +109,8 @@ def test_bad_arguments_name_the_problem():
     for quantize, message in (("int3", "must be one of"), ({"vae": "int8"}, "the parts are"), (8, "must be None")):
         with pytest.raises(ValueError, match=message):
             _embedded(quantize=quantize)
+    with pytest.raises(ValueError, match="float16 compute dtype"):
+        _embedded(quantize="int8", dtype="float16")
     with pytest.raises(ValueError, match="needs a mode"):
         backbone.quantize()
     with pytest.raises(ValueError, match="weight-only"):

@@ -137,6 +137,9 @@ class StableDiffusion3Backbone(keras.Model):
         from keras_sd3 import quantization
 
         modes = quantization.check_quantize(quantize)
+        if "int8" in modes.values() and keras.dtype_policies.get(dtype or keras.config.dtype_policy()).compute_dtype == "float16":
+            raise ValueError("Keras' int8 quantization does not work with the float16 compute dtype (it overflows); "
+                             "load with dtype='bfloat16', 'float32' or 'mixed_bfloat16' to quantize to int8.")
         checkpoint = open_checkpoint(source)
         parts = {name: getattr(checkpoint, name) for name in TEXT_ENCODERS}
 
