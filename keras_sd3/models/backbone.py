@@ -15,7 +15,7 @@ from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
 from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.models.vae import VAE
-from keras_sd3.weights.assign import build_then_load, load_layer_weights, set_checkpoint_paths
+from keras_sd3.weights.assign import build_then_load, forget_pending, load_layer_weights, set_checkpoint_paths
 
 TEXT_ENCODERS = {"clip_l": (CLIPConfig, CLIPTextEncoder), "clip_g": (CLIPConfig, CLIPTextEncoder), "t5": (T5Config, T5Encoder)}
 
@@ -158,6 +158,7 @@ class StableDiffusion3Backbone(keras.Model):
             def loaded(variable):  # quantize a selected layer as soon as its weight is in
                 layer, mode = quantized.get(id(variable), (None, None))
                 if layer is not None:
+                    forget_pending(variable)
                     layer.quantize(mode, config=quantization.resolve_config(mode, quantization_config))
 
             load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}", loaded)

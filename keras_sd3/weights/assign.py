@@ -140,6 +140,13 @@ def _pending():
     return global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True)
 
 
+def forget_pending(variable):
+    """Drops `variable` from Keras' list of variables awaiting deferred initialisation (which would keep
+    it alive: quantized loading replaces each float kernel as soon as it is read)."""
+    pending = _pending()
+    pending[:] = [var for var in pending if var is not variable]
+
+
 def _set_value(var, value):
     if var._value is None:  # created by `build_then_load`: the checkpoint's tensor is its first value
         layout = getattr(var, "_layout", None)  # under a keras.distribution: straight into its shards
