@@ -48,7 +48,8 @@ def named_variables(layer, prefix=""):
             yield prefix + "bias", layer.bias, None
         return
     if isinstance(layer, keras.layers.Dense):
-        yield prefix + "weight", layer._kernel, _torch_linear  # (the variable; int8 / int4 once quantized)
+        # (a quantized layer's int8 / int4 variable; else `kernel`, which merges Keras' own LoRA, the trainer's)
+        yield prefix + "weight", layer._kernel if layer.quantization_mode else layer.kernel, _torch_linear
         if layer.bias is not None:
             yield prefix + "bias", layer.bias, None
         return
