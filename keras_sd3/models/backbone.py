@@ -15,7 +15,7 @@ from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
 from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.models.vae import VAE
-from keras_sd3.weights.assign import build_then_load, forget_pending, load_layer_weights, set_checkpoint_paths
+from keras_sd3.weights.assign import build_then_load, load_layer_weights, set_checkpoint_paths
 
 TEXT_ENCODERS = {"clip_l": (CLIPConfig, CLIPTextEncoder), "clip_g": (CLIPConfig, CLIPTextEncoder), "t5": (T5Config, T5Encoder)}
 
@@ -136,7 +136,7 @@ class StableDiffusion3Backbone(keras.Model):
 
         from keras_sd3 import quantization
 
-        modes = quantization.check_quantize(quantize)
+        modes = quantization.check_quantize(quantize, quantization_config)
         if "int8" in modes.values() and keras.dtype_policies.get(dtype or keras.config.dtype_policy()).compute_dtype == "float16":
             raise ValueError("Keras' int8 quantization does not work with the float16 compute dtype (it overflows); "
                              "load with dtype='bfloat16', 'float32' or 'mixed_bfloat16' to quantize to int8.")
@@ -152,22 +152,14 @@ class StableDiffusion3Backbone(keras.Model):
             )
 
         def load(backbone):
-            quantized = {id(layer._kernel): (layer, mode) for part, mode in modes.items()
-                         for layer in quantization.selected_layers(backbone, part)}
-
-            def loaded(variable):  # quantize a selected layer as soon as its weight is in
-                layer, mode = quantized.get(id(variable), (None, None))
-                if layer is not None:
-                    forget_pending(variable)
-                    layer.quantize(mode, config=quantization.resolve_config(mode, quantization_config))
-
+            loaded = quantization.quantize_while_loading(backbone, modes, quantization_config)
             load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}", loaded)
             load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")
             for name, part in parts.items():
                 if part is not None:
                     load_layer_weights(getattr(backbone, name), part.tensors, f"{name} encoder of {checkpoint.path}",
                                        loaded)
-            if quantized:
+            if loaded is not None:
                 backbone._lay_out()  # the quantized variables' layouts under a keras.distribution
 
         return build_then_load(build, load)

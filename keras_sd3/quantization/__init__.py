@@ -15,4 +15,4 @@ quantised to int8 as well, products in int32). See `keras_sd3.quantization.linea
 
 from keras_sd3.quantization.linear import quantize_linear, quantized_linear  # noqa: F401
 from keras_sd3.quantization.parts import (  # noqa: F401
-    MODES, PARTS, check_quantize, quantize_backbone, resolve_config, selected_layers)
+    MODES, PARTS, check_quantize, quantize_backbone, quantize_while_loading, resolve_config, selected_layers)

@@ -10,11 +10,12 @@ _ATTRIBUTES = {"mmdit": "diffuser", "clip_l": "clip_l", "clip_g": "clip_g", "t5"
 _MATMUL_KINDS = ("columns", "head_columns", "rows", "head_rows")
 
 
-def check_quantize(quantize):
-    """`quantize` (None, a mode, or {part: mode}) -> {part: mode}.
+def check_quantize(quantize, config=None):
+    """`quantize` (None, a mode, or {part: mode}) and an optional Keras config -> {part: mode}.
 
     Raises:
-        ValueError: an unknown mode or part (the message lists the valid ones).
+        ValueError: an unknown mode or part (the message lists the valid ones), a config for another
+            mode, or an int4 config that quantizes activations.
     """
     if quantize is None:
         return {}
@@ -28,7 +29,32 @@ def check_quantize(quantize):
             raise ValueError(f"quantize names the part {part!r}; the parts are {PARTS} (the VAE stays in float).")
         if mode is not None and mode not in MODES:
             raise ValueError(f"quantize mode for {part} must be one of {MODES} or None, got {mode!r}.")
-    return {part: mode for part, mode in quantize.items() if mode is not None}
+    modes = {part: mode for part, mode in quantize.items() if mode is not None}
+    if config is not None and getattr(config, "mode", None) not in (None, *modes.values()):
+        raise ValueError(f"The quantization config is for {config.mode!r}, but the mode is {quantize!r}.")
+    if "int4" in modes.values() and getattr(config, "activation_quantizer", None) is not None:
+        raise ValueError("int4 is weight-only here: give Int4QuantizationConfig(activation_quantizer=None).")
+    return modes
+
+
+def quantize_while_loading(backbone, modes, config=None):
+    """The `loaded` hook of `load_layer_weights` that quantizes each selected layer of `backbone` (for
+    `modes`, {part: mode}) as soon as its float kernel holds the checkpoint's tensor, or None for no
+    quantization."""
+    from keras_sd3.weights.assign import forget_pending
+
+    layers = {id(layer._kernel): (layer, mode) for part, mode in modes.items()
+              for layer in selected_layers(backbone, part)}
+    if not layers:
+        return None
+
+    def loaded(variable):
+        layer, mode = layers.get(id(variable), (None, None))
+        if layer is not None:
+            forget_pending(variable)
+            layer.quantize(mode, config=resolve_config(mode, config))
+
+    return loaded
 
 
 def resolve_config(mode, config):
@@ -46,7 +72,6 @@ def selected_layers(backbone, part):
     """The `Linear` layers of `part` ("mmdit", "clip_l", ...) that quantization applies to: those whose
     kernel a model-parallel `LAYOUT` rule splits (the large matrix products), in checkpoint order."""
     from keras_sd3.distribution.layout import rule_kind
-    from keras_sd3.weights.assign import named_variables
 
     model = getattr(backbone, _ATTRIBUTES[part], None)
     if model is None:
@@ -55,12 +80,8 @@ def selected_layers(backbone, part):
     return [layer for layer in layers if rule_kind(layer._kernel.path) in _MATMUL_KINDS]
 
 
-def _linears(layer, seen=None):
-    seen = set() if seen is None else seen
-    for sub in layer._flatten_layers(include_self=True, recursive=True):
-        if isinstance(sub, Linear) and id(sub) not in seen:
-            seen.add(id(sub))
-            yield sub
+def _linears(layer):
+    return (sub for sub in layer._flatten_layers(include_self=True, recursive=True) if isinstance(sub, Linear))
 
 
 def _matches(layer, filters):
@@ -88,14 +109,9 @@ def quantize_backbone(backbone, mode=None, config=None, filters=None):
     """
     if mode is None and config is not None:
         mode = config.mode
-    modes = check_quantize(mode)
+    modes = check_quantize(mode, config)
     if not modes:
         raise ValueError(f"quantize needs a mode ({MODES}) or a Keras quantization config; got mode={mode!r}.")
-    if config is not None and getattr(config, "mode", None) not in (None, *modes.values()):
-        raise ValueError(f"The quantization config is for {config.mode!r}, but the mode is {mode!r}.")
-    for part, part_mode in modes.items():
-        if part_mode == "int4" and config is not None and getattr(config, "activation_quantizer", None) is not None:
-            raise ValueError("int4 is weight-only here: give Int4QuantizationConfig(activation_quantizer=None).")
     count = 0
     for part, part_mode in modes.items():
         for layer in selected_layers(backbone, part):
