@@ -5,6 +5,7 @@
     keras-sd3 inpaint "a yellow triangle" --image in.png --mask mask.png -o out.png
     keras-sd3 walk "a red circle on a blue background" --frames 16 -o walk.gif
     keras-sd3 serve --port 7860
+    keras-sd3 convert path/to/sd3-folder -o sd3-Q8_0.gguf --type Q8_0
 
 
 `--model` takes a preset name, a diffusers folder or a .safetensors file (default: the embedded
@@ -46,7 +47,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     parser = Parser(prog="keras-sd3", description="Stable Diffusion 3 with Keras 3.")
     parser.add_argument("--version", action="version", version=f"keras-sd3 {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint,control,walk,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,img2img,inpaint,control,walk,serve,convert}")
     for name, help_text in TASKS.items():
         command = commands.add_parser(name, help=help_text, description=f"Stable Diffusion 3: {help_text}.")
         command.add_argument("prompt")
@@ -84,11 +85,13 @@ def build_parser():
             command.add_argument("--mask", required=True, help="mask picture, white = repaint")
             command.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=True,
                                  help="paste the input back outside the mask (default: %(default)s)")
+    from keras_sd3.cli.convert import add_convert_parser
     from keras_sd3.cli.walk import add_walk_parser
     from keras_sd3.serve.command import add_serve_parser
 
     add_walk_parser(commands)
     add_serve_parser(commands)
+    add_convert_parser(commands)
     return parser
 
 
@@ -145,6 +148,11 @@ def main(argv=None):
 
                 keras_backend.choose(args.backend)
                 serve(args)
+                return 0
+            if args.command == "convert":
+                from keras_sd3.cli.convert import convert
+
+                convert(args)
                 return 0
             if args.command == "walk":
                 from keras_sd3.cli.walk import check_walk, walk

@@ -103,7 +103,7 @@ def vae_rules(num_levels):
 
 def rename(source, rules, what):
     """Applies a key map to a `TensorSource`; an original key no rule matches is an error."""
-    shapes, readers = {}, {}
+    shapes, readers, forms = {}, {}, {}
     compiled = [(re.compile(p), targets, t) for p, targets, t in rules]
     for key in source.keys():
         for pattern, targets, transform in compiled:
@@ -120,7 +120,9 @@ def rename(source, rules, what):
             name = match.expand(target)
             shapes[name] = shape_fn(source.shapes[key])
             readers[name] = lambda key=key, array_fn=array_fn: array_fn(source.read(key))
-    return TensorSource(shapes, readers)
+            if key in source.forms:  # (rows of GGUF blocks and float8 values split and reorder as values do)
+                forms[name] = source.forms[key]
+    return TensorSource(shapes, readers, forms)
 
 
 def _require(source, key, what):
@@ -204,3 +206,65 @@ def infer_t5_config(source, what):
         num_heads=heads,
         relative_attention_num_buckets=buckets,
     )
+
+
+_GROUP = re.compile(r"\([^()]*\)")  # a group of a rule's pattern: (\d+), (weight|bias), (q|k), (23)
+
+
+def _inverse_rule(pattern, target):
+    """One rule read backwards: (regex of the diffusers name, template of the original name).
+
+    Group i of `pattern` becomes the named group `g{i}` of the regex (where `target` has `\\i`) and
+    `\\g<g{i}>` in the template; the patterns hold nothing but escaped dots besides their groups.
+    """
+    groups = _GROUP.findall(pattern)
+    pieces = re.split(r"\\(\d)", target)  # literal, group number, literal, ...
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<g{p}>{groups[int(p) - 1][1:-1]})"
+                    for i, p in enumerate(pieces))
+    names = iter(range(1, len(groups) + 1))
+    template = _GROUP.sub(lambda _: rf"\g<g{next(names)}>", pattern).replace(r"\.", ".")
+    return re.compile(regex), template
+
+
+def to_original_mmdit(source, config):
+    """The MMDiT's diffusers-named tensors under their original single-file names (lazily).
+
+    The inverse of `rename(..., mmdit_rules(config.num_layers - 1), ...)`, derived from the same
+    table: q / k / v projections are fused again into one `qkv` (rows in q, k, v order) and the swapped
+    adaLN halves are swapped back (the other transforms are their own inverses). Tensors are read with
+    `source.read_float`, so stored forms (GGUF blocks, float8) come out as float values.
+
+    Args:
+        source: a `TensorSource` with diffusers names (a `Checkpoint`'s `mmdit.tensors`).
+        config: its `MMDiTConfig`.
+
+    Returns:
+        A `TensorSource` with original names (no `model.diffusion_model.` prefix).
+
+    Raises:
+        CheckpointError: a tensor has no original name, or a fused qkv misses one of its parts.
+    """
+    inverse = [(*_inverse_rule(pattern, target), transform, index)
+               for pattern, targets, transform in mmdit_rules(config.num_layers - 1)
+               for index, target in enumerate(targets)]
+    shapes, readers, fused = {}, {}, {}
+    for key in source.keys():
+        for regex, template, transform, index in inverse:
+            match = regex.fullmatch(key)
+            if match:
+                break
+        else:
+            raise CheckpointError(f"The MMDiT has a tensor with no original single-file name: '{key}'.")
+        name = match.expand(template)
+        if transform == "qkv":
+            fused.setdefault(name, [None] * 3)[index] = key
+            continue
+        shapes[name] = source.shapes[key]
+        readers[name] = lambda key=key, array_fn=transform[1]: array_fn(source.read_float(key))
+    for name, keys in fused.items():
+        if None in keys:
+            raise CheckpointError(f"The MMDiT has only some of the q / k / v parts of '{name}': {keys}.")
+        rows = sum(source.shapes[k][0] for k in keys)
+        shapes[name] = (rows, *source.shapes[keys[0]][1:])
+        readers[name] = lambda keys=keys: np.concatenate([source.read_float(k) for k in keys])
+    return TensorSource(shapes, readers)

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from keras_sd3.errors import CheckpointError  # noqa: F401 (re-exported)
+from keras_sd3.weights.forms import float8_forms
 
 _DTYPES = {
     "F64": np.float64,
@@ -36,13 +37,17 @@ class TensorSource:
     """A read-only mapping from tensor names to lazily read numpy arrays.
 
     Args:
-        shapes: dict of name -> shape tuple.
+        shapes: dict of name -> shape tuple (the values' shape, also for tensors stored in blocks).
         readers: dict of name -> zero-argument function returning the array.
+        forms: dict of name -> the storage form (`keras_sd3.weights.forms`) of a tensor that is not
+            plain float: its reader then returns the stored array (GGUF blocks as uint8 rows, float8
+            values before their scale), which `forms[name].to_float` turns into float32.
     """
 
-    def __init__(self, shapes, readers):
+    def __init__(self, shapes, readers, forms=None):
         self.shapes = dict(shapes)
         self._readers = readers
+        self.forms = {k: v for k, v in (forms or {}).items() if k in self.shapes}
 
     def keys(self):
         return self.shapes.keys()
@@ -51,25 +56,30 @@ class TensorSource:
         return key in self.shapes
 
     def read(self, key):
-        """Returns the tensor `key` as a new numpy array, in its stored dtype."""
+        """Returns the tensor `key` as a new numpy array, in its stored dtype (or stored form)."""
         return self._readers[key]()
+
+    def read_float(self, key):
+        """Returns the tensor `key` as float values: stored forms decoded to float32, else as `read`."""
+        value = self.read(key)
+        form = self.forms.get(key)
+        return value if form is None else form.to_float(value, self.shapes[key])
+
+    def _select(self, names, rename=lambda k: k):
+        return TensorSource({rename(k): self.shapes[k] for k in names}, {rename(k): self._readers[k] for k in names},
+                            {rename(k): self.forms[k] for k in names if k in self.forms})
 
     def without(self, names):
         """Returns a copy without the tensors `names` (absent names are ignored)."""
-        keep = [k for k in self.shapes if k not in names]
-        return TensorSource({k: self.shapes[k] for k in keep}, {k: self._readers[k] for k in keep})
+        return self._select([k for k in self.shapes if k not in names])
 
     def with_tensor(self, name, array):
         """Returns a copy with one more (in-memory) tensor."""
-        return TensorSource({**self.shapes, name: array.shape}, {**self._readers, name: lambda: array})
+        return TensorSource({**self.shapes, name: array.shape}, {**self._readers, name: lambda: array}, self.forms)
 
     def subset(self, prefix):
         """Returns the tensors whose names start with `prefix`, with the prefix removed."""
-        names = [k for k in self.shapes if k.startswith(prefix)]
-        return TensorSource(
-            {k[len(prefix) :]: self.shapes[k] for k in names},
-            {k[len(prefix) :]: self._readers[k] for k in names},
-        )
+        return self._select([k for k in self.shapes if k.startswith(prefix)], lambda k: k[len(prefix):])
 
 
 def _read_header(path):
@@ -119,7 +129,7 @@ def open_safetensors(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint file not found: {path}")
     header, data_start, size = _read_header(path)
-    shapes, readers = {}, {}
+    shapes, readers, dtypes = {}, {}, {}
     for name, info in header.items():
         shape, dtype, offset = _entry(path, name, info, data_start, size)
 
@@ -130,8 +140,8 @@ def open_safetensors(path):
                 f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
             return array
 
-        shapes[name], readers[name] = shape, reader
-    return TensorSource(shapes, readers)
+        shapes[name], readers[name], dtypes[name] = shape, reader, dtype
+    return TensorSource(*float8_forms(shapes, readers, dtypes))
 
 
 def open_sharded(index_path):
@@ -142,15 +152,16 @@ def open_sharded(index_path):
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{index_path} is not a valid safetensors index file ({e!r}).")
     folder = os.path.dirname(index_path)
-    shapes, readers = {}, {}
+    shapes, readers, forms = {}, {}, {}
     for shard_name in sorted(set(weight_map.values())):
         shard = open_safetensors(os.path.join(folder, shard_name))
+        forms.update(shard.forms)
         for name in shard.keys():
             shapes[name], readers[name] = shard.shapes[name], shard._readers[name]
     missing = sorted(set(weight_map) - set(shapes))
     if missing:
         raise CheckpointError(f"{index_path} lists tensors that no shard holds, e.g. '{missing[0]}'.")
-    return TensorSource(shapes, readers)
+    return TensorSource(shapes, readers, forms)
 
 
 def open_weights(folder, stem):
