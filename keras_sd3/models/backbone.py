@@ -114,7 +114,7 @@ class StableDiffusion3Backbone(keras.Model):
 
     @classmethod
     def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=None, quantize=None,
-                    quantization_config=None):
+                    quantization_config=None, transformer=None, t5=None):
         """Builds the backbone and loads its weights from a diffusers folder or a single `.safetensors` file.
 
         Text encoders are loaded when the checkpoint has them (`text_encoder*/` folders, or the
@@ -128,6 +128,11 @@ class StableDiffusion3Backbone(keras.Model):
         loading peaks at the quantized model plus one tensor. The result equals loading in float and
         calling `quantize` afterwards.
 
+        `transformer` / `t5`: a `.gguf` (city96's, llama.cpp's T5 names) or `.safetensors` file (e.g.
+        ComfyUI's fp8) of the MMDiT / the T5 encoder alone, taken instead of the source's. Matrices in a
+        GGUF block type or float8 stay so in memory, decoded inside each product
+        (`keras_sd3.quantization.stored`); `quantize` then applies to the other layers.
+
         Raises:
             CheckpointError: the source is not an SD3 checkpoint, or a tensor is missing, unexpected
                 or mis-shaped (the message names it).
@@ -140,7 +145,7 @@ class StableDiffusion3Backbone(keras.Model):
         if "int8" in modes.values() and keras.dtype_policies.get(dtype or keras.config.dtype_policy()).compute_dtype == "float16":
             raise ValueError("Keras' int8 quantization does not work with the float16 compute dtype (it overflows); "
                              "load with dtype='bfloat16', 'float32' or 'mixed_bfloat16' to quantize to int8.")
-        checkpoint = open_checkpoint(source)
+        checkpoint = open_checkpoint(source, transformer=transformer, t5=t5)
         parts = {name: getattr(checkpoint, name) for name in TEXT_ENCODERS}
 
         def build():
@@ -153,14 +158,15 @@ class StableDiffusion3Backbone(keras.Model):
 
         def load(backbone):
             loaded = quantization.quantize_while_loading(backbone, modes, quantization_config)
-            load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, f"MMDiT of {checkpoint.path}", loaded)
+            store = quantization.store_while_loading(backbone)
+            mmdit_what = f"transformer {transformer}" if transformer else f"MMDiT of {checkpoint.path}"
+            load_layer_weights(backbone.diffuser, checkpoint.mmdit.tensors, mmdit_what, loaded, store)
             load_layer_weights(backbone.vae, checkpoint.vae.tensors, f"VAE of {checkpoint.path}")
             for name, part in parts.items():
                 if part is not None:
-                    load_layer_weights(getattr(backbone, name), part.tensors, f"{name} encoder of {checkpoint.path}",
-                                       loaded)
-            if loaded is not None:
-                backbone._lay_out()  # the quantized variables' layouts under a keras.distribution
+                    what = f"T5 encoder {t5}" if name == "t5" and t5 else f"{name} encoder of {checkpoint.path}"
+                    load_layer_weights(getattr(backbone, name), part.tensors, what, loaded, store)
+            backbone._lay_out()  # quantized and stored variables' layouts under a keras.distribution
 
         return build_then_load(build, load)
 

@@ -67,8 +67,11 @@ class Linear(DirectCalls, keras.layers.Dense):
 
     LoRA adapters attached by `keras_sd3.lora` (`backbone.load_lora`) each add their low-rank product.
     `quantize("int8" | "int4", config=...)` is Keras' `Dense.quantize` (its variables and dtype
-    policy); the product is then `keras_sd3.quantization.quantized_linear`.
+    policy); the product is then `keras_sd3.quantization.quantized_linear`. A weight loaded in a
+    checkpoint's GGUF block type or float8 stays so (`weight_format`; `keras_sd3.quantization.stored`).
     """
+
+    weight_format = None  # a `keras_sd3.weights.forms` form when the weight is stored as the file has it
 
     def quantize(self, mode=None, type_check=True, config=None):
         from keras_sd3.quantization import quantize_linear
@@ -79,7 +82,11 @@ class Linear(DirectCalls, keras.layers.Dense):
         return self.call(inputs)
 
     def call(self, inputs):
-        if self.quantization_mode is None:
+        if self.weight_format is not None:
+            from keras_sd3.quantization.stored import stored_linear
+
+            out = stored_linear(self, inputs)
+        elif self.quantization_mode is None:
             out = linear(inputs, self.kernel, self.bias)
         else:
             from keras_sd3.quantization import quantized_linear

@@ -11,8 +11,12 @@ channel, dequantised inside the compiled program and multiplied in the compute d
 torchao `int8_weight_only` and ComfyUI's fp8 / GGUF weights; a Keras config with an activation
 quantizer (`keras.quantizers.Int8QuantizationConfig()`, Keras' own default) gives W8A8 (each token
 quantised to int8 as well, products in int32). See `keras_sd3.quantization.linear`.
+
+Weights loaded from a GGUF file's block types or a float8 file stay in that form in memory (weight-only,
+decoded inside each product): `keras_sd3.quantization.stored`.
 """
 
 from keras_sd3.quantization.linear import quantize_linear, quantized_linear  # noqa: F401
 from keras_sd3.quantization.parts import (  # noqa: F401
     MODES, PARTS, check_quantize, quantize_backbone, quantize_while_loading, resolve_config, selected_layers)
+from keras_sd3.quantization.stored import store_while_loading, stored_linear  # noqa: F401

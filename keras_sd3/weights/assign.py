@@ -48,8 +48,10 @@ def named_variables(layer, prefix=""):
             yield prefix + "bias", layer.bias, None
         return
     if isinstance(layer, keras.layers.Dense):
-        # (a quantized layer's int8 / int4 variable; else `kernel`, which merges Keras' own LoRA, the trainer's)
-        yield prefix + "weight", layer._kernel if layer.quantization_mode else layer.kernel, _torch_linear
+        if getattr(layer, "weight_format", None) is not None:  # as the file stores it (GGUF blocks, float8)
+            yield prefix + "weight", layer._kernel, None
+        else:  # a quantized layer's int8 / int4 variable; else `kernel`, which merges the trainer's Keras LoRA
+            yield prefix + "weight", layer._kernel if layer.quantization_mode else layer.kernel, _torch_linear
         if layer.bias is not None:
             yield prefix + "bias", layer.bias, None
         return
@@ -94,7 +96,7 @@ def _describe(keys, limit=5):
     return ", ".join(f"'{k}'" for k in keys[:limit]) + more
 
 
-def load_layer_weights(layer, source, what="checkpoint", loaded=None):
+def load_layer_weights(layer, source, what="checkpoint", loaded=None, store=None):
     """Copies every tensor of `source` into `layer`, strictly.
 
     Args:
@@ -103,6 +105,9 @@ def load_layer_weights(layer, source, what="checkpoint", loaded=None):
         what: a name for the checkpoint part, used in error messages.
         loaded: None, or a function called with each variable once it holds its tensor (quantized
             loading quantizes the layer there).
+        store: None, or a function `(variable, form, stored array) -> bool` offered each tensor that
+            the source has in a storage form (`source.forms`: GGUF blocks, float8); where it returns
+            False (or without it) the tensor is turned into float on the host.
 
     Raises:
         CheckpointError: a tensor is missing, unexpected, or of the wrong shape. Shapes are checked
@@ -127,8 +132,14 @@ def load_layer_weights(layer, source, what="checkpoint", loaded=None):
             raise CheckpointError(
                 f"Tensor '{key}' in the {what} has shape {stored}, but the model expects {wanted}."
             )
+    forms = getattr(source, "forms", {})
     for key, (var, transform) in expected.items():
         value = source.read(key)
+        form = forms.get(key)
+        if form is not None:
+            if store is not None and store(var, form, value):
+                continue
+            value = form.to_float(value, source.shapes[key])
         if transform is not None:
             value = transform(value)
         _set_value(var, np.ascontiguousarray(value).astype(var.dtype, copy=False))

@@ -158,9 +158,13 @@ def _open_kerashub(folder):
     return checkpoint
 
 
-def open_checkpoint(source):
+def open_checkpoint(source, transformer=None, t5=None):
     """Opens a diffusers-format folder, an original single-file `.safetensors` checkpoint, a KerasHub
     preset folder (`config.json` + `model.weights.h5`) or a preset name.
+
+    `transformer` / `t5`: a `.gguf` or `.safetensors` file holding that part alone, which replaces
+    (or, for T5, adds) the source's (`keras_sd3.weights.part_files`); the MMDiT keeps the source's
+    native `sample_size`.
 
     Raises:
         CheckpointError: the source does not exist or is not an SD3 / SD3.5 checkpoint
@@ -168,7 +172,17 @@ def open_checkpoint(source):
     """
     source, _ = presets.resolve(source)
     if not os.path.isdir(source):
-        return _open_single_file(source)
-    from keras_sd3.weights.kerashub import is_kerashub_folder
+        checkpoint = _open_single_file(source)
+    else:
+        from keras_sd3.weights.kerashub import is_kerashub_folder
 
-    return _open_kerashub(source) if is_kerashub_folder(source) else _open_folder(source)
+        checkpoint = _open_kerashub(source) if is_kerashub_folder(source) else _open_folder(source)
+    from keras_sd3.weights import part_files
+
+    if transformer is not None:
+        config, tensors = part_files.open_transformer(transformer)
+        config = dataclasses.replace(config, sample_size=checkpoint.mmdit.config.sample_size)
+        checkpoint.mmdit = Part(config, tensors)
+    if t5 is not None:
+        checkpoint.t5 = Part(*part_files.open_t5(t5))
+    return checkpoint
