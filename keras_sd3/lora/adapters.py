@@ -95,7 +95,7 @@ def _resolve(backbone, weights, path):
         w.module, layer = (underscored if w.underscored else layers).get((w.part, w.module), (w.module, None))
         if layer is None:
             raise LoraError(f"{path}: '{w.key}' names no linear layer of the {w.part} ('{w.module}').")
-        kernel_in, kernel_out = layer._kernel.shape
+        kernel_in, kernel_out = layer.features
         if (w.down.shape[1], w.up.shape[0]) != (kernel_in, kernel_out):
             raise LoraError(
                 f"{path}: '{w.key}' has shape {w.down.shape} with up {w.up.shape}, but '{w.part}.{w.module}' "
@@ -173,10 +173,11 @@ def fuse(backbone):
     """Adds every adapter's `scale * alpha / rank * A @ B` to its base kernel, then drops the adapters.
 
     Raises:
-        LoraError: an adapter sits on a quantized layer (checked before anything is merged).
+        LoraError: an adapter sits on a quantized layer, or one whose weight is stored as a GGUF / float8
+            file has it (checked before anything is merged).
     """
     quantized = sorted({layer._kernel.path.rpartition("/")[0] for name in names(backbone)
-                        for layer, _ in _adapters_named(backbone, name) if layer.quantization_mode is not None})
+                        for layer, _ in _adapters_named(backbone, name) if layer.compressed})
     if quantized:
         raise LoraError(f"fuse_loras cannot merge into quantized layers ({len(quantized)}, e.g. {quantized[0]}): a merged "
                         "kernel would have to be quantized again, losing the LoRA's small changes to rounding. Keep "

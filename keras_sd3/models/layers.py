@@ -73,6 +73,16 @@ class Linear(DirectCalls, keras.layers.Dense):
 
     weight_format = None  # a `keras_sd3.weights.forms` form when the weight is stored as the file has it
 
+    @property
+    def features(self):
+        """(input features, output features), whatever form the kernel is stored in."""
+        return self.input_spec.axes[-1], self.units
+
+    @property
+    def compressed(self):
+        """Whether the kernel is not a plain float one (Keras-quantized, or stored as a file has it)."""
+        return self.quantization_mode is not None or self.weight_format is not None
+
     def quantize(self, mode=None, type_check=True, config=None):
         from keras_sd3.quantization import quantize_linear
 

@@ -16,7 +16,7 @@ Weights loaded from a GGUF file's block types or a float8 file stay in that form
 decoded inside each product): `keras_sd3.quantization.stored`.
 """
 
-from keras_sd3.quantization.linear import quantize_linear, quantized_linear  # noqa: F401
+from keras_sd3.quantization.linear import float_kernel, quantize_linear, quantized_linear  # noqa: F401
 from keras_sd3.quantization.parts import (  # noqa: F401
     MODES, PARTS, check_quantize, quantize_backbone, quantize_while_loading, resolve_config, selected_layers)
 from keras_sd3.quantization.stored import store_while_loading, stored_linear  # noqa: F401

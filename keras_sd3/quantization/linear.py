@@ -70,10 +70,11 @@ def _w8a8(layer, x):
     return backend.reshape(out, (*shape[:-1], out.shape[-1]))
 
 
-def _float_kernel(layer):
-    """(kernel in the compute dtype, the per-output-channel scale it is still to be divided by), or
-    (the dequantised kernel, None) for int4 per group of input rows (Keras' default int4, groups of 128)."""
-    dtype = layer.compute_dtype
+def _float_kernel(layer, dtype=None):
+    """(kernel in `dtype` (default the compute dtype), the per-output-channel scale it is still to be
+    divided by), or (the dequantised kernel, None) for int4 per group of input rows (Keras' default
+    int4, groups of 128)."""
+    dtype = dtype or layer.compute_dtype
     if layer.quantization_mode == "int8":
         return backend.cast(layer._kernel.value, dtype), layer.kernel_scale.value
     from keras import quantizers
@@ -97,6 +98,16 @@ def _activation_quantizer(layer, x):
 
         quantizer = layer.inputs_quantizer = quantizers.AbsMaxQuantizer(axis=-1)
     return quantizer
+
+
+def float_kernel(layer):
+    """The (in, out) float32 kernel a quantized or stored `Linear` stands for (what an export writes)."""
+    if layer.weight_format is not None:
+        from keras_sd3.quantization.stored import stored_weight
+
+        return ops.transpose(stored_weight(layer))
+    kernel, scale = _float_kernel(layer, "float32")
+    return kernel if scale is None else kernel / backend.cast(scale, "float32")
 
 
 def quantized_linear(layer, x):

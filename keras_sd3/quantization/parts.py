@@ -76,7 +76,7 @@ def selected_layers(backbone, part):
     model = getattr(backbone, _ATTRIBUTES[part], None)
     if model is None:
         return []
-    layers = [layer for layer in _linears(model) if layer.quantization_mode is None and layer.weight_format is None]
+    layers = [layer for layer in _linears(model) if not layer.compressed]
     return [layer for layer in layers if rule_kind(layer._kernel.path) in _MATMUL_KINDS]
 
 

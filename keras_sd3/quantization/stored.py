@@ -23,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_sd3 import backend
+from keras_sd3.quantization.linear import _young_collections
 from keras_sd3.weights.forms import FLOAT8, Float8, GGUFBlocks
 
 
@@ -41,7 +42,8 @@ def store_linear(layer, form, value):
     forget_pending(layer._kernel)
     layer._tracker.unlock()
     try:
-        del layer._kernel
+        with _young_collections():
+            del layer._kernel
         if isinstance(form, GGUFBlocks):
             layer._kernel = _add(layer, "kernel_blocks", np.ascontiguousarray(value, np.uint8), "uint8")
             added = [layer._kernel]

@@ -27,12 +27,26 @@ def _torch_layout(value, transform):
     return value
 
 
+def _float_kernels(layer):
+    """{id(variable): (in, out) float32 kernel} of the quantized / stored `Linear` layers in `layer`."""
+    from keras_sd3.models.layers import Linear
+    from keras_sd3.quantization import float_kernel
+
+    return {id(sub._kernel): float_kernel(sub) for sub in layer._flatten_layers(include_self=True, recursive=True)
+            if isinstance(sub, Linear) and sub.compressed}
+
+
 def layer_state_dict(layer, dtype="float32"):
-    """`{diffusers key: numpy array in PyTorch layout}` for every variable of `layer`."""
-    return {
-        key: np.ascontiguousarray(_torch_layout(ops.convert_to_numpy(ops.cast(var, "float32")), transform)).astype(dtype)
-        for key, var, transform in named_variables(layer)
-    }
+    """`{diffusers key: numpy array in PyTorch layout}` for every variable of `layer`; quantized and
+    stored (GGUF, float8) kernels are written as the float weights they stand for."""
+    floats, state = _float_kernels(layer), {}
+    for key, var, transform in named_variables(layer):
+        if id(var) in floats:
+            value, transform = floats[id(var)], _torch_linear
+        else:
+            value = ops.cast(var, "float32")
+        state[key] = np.ascontiguousarray(_torch_layout(ops.convert_to_numpy(value), transform)).astype(dtype)
+    return state
 
 
 def mmdit_diffusers_config(config):
