@@ -132,6 +132,8 @@ def assert_close(actual, expected, rel=1e-4):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     error, scale = np.max(np.abs(actual - expected)), np.max(np.abs(expected))
     assert scale > 0
+    if os.environ.get("KERAS_SD3_TEST_ERRORS"):  # prints the measured errors quoted beside the tolerances
+        print(f"measured relative error {error / scale:.2g} (tolerance {rel:g})")
     assert error <= rel * scale, f"max abs error {error:.3g} > {rel:g} x max |reference| {scale:.3g}"
 
 

@@ -117,7 +117,7 @@ def test_transformer_matches_diffusers_gguf(gguf_transformer, monkeypatch):
     inputs = (*random_inputs(), TIMESTEPS)
     ours = keras.ops.convert_to_numpy(backbone.diffuser(*inputs))
     float32_diffusers_decoders(monkeypatch)
-    assert_close(ours, reference_velocity(diffusers_from_gguf(path, folder), *inputs), rel=1e-4)  # measured 3e-6
+    assert_close(ours, reference_velocity(diffusers_from_gguf(path, folder), *inputs), rel=1e-4)  # measured: jax 2e-6, torch 4.8e-7, tensorflow 2.3e-6
 
 
 def test_weights_stay_in_blocks_and_decode_as_gguf_py(gguf_transformer):
