@@ -133,7 +133,8 @@ def load_layer_weights(layer, source, what="checkpoint", loaded=None, store=None
                 f"Tensor '{key}' in the {what} has shape {stored}, but the model expects {wanted}."
             )
     forms = getattr(source, "forms", {})
-    for key, (var, transform) in expected.items():
+    for key in list(expected):
+        var, transform = expected.pop(key)  # (no reference left here once done: quantized loading frees each kernel)
         value = source.read(key)
         form = forms.get(key)
         if form is not None:
