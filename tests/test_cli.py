@@ -181,6 +181,8 @@ def model_never_loads(monkeypatch):
         (["walk", "x", "--frames", "1"], "--frames must be an integer >= 2, got '1'"),
         (["generate", "x", "--quantize", "int3"], "--quantize must be int8 or int4, or PART=MODE pairs"),
         (["walk", "x", "--quantize", "vae=int8"], "PART one of mmdit, clip_l, clip_g, t5"),
+        (["generate", "x", "--transformer", "{text}"], "--transformer must be a .gguf or .safetensors file, got"),
+        (["walk", "x", "--t5", "{folder}/t5.gguf"], "t5.gguf' does not exist"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_before_loading(args, message, picture, tmp_path, capsys,
@@ -304,6 +306,20 @@ def test_quantize_option_gives_the_api_image(tmp_path):
                    "--quantize", "mmdit=int8,t5=int4", "-o", out) == 0
     task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes", quantize={"mmdit": "int8", "t5": "int4"})
     assert task.backbone.diffuser.transformer_blocks[0].attn.to_q.quantization_mode == "int8"
+    expected = task.generate({"prompts": "a red circle on a blue background", "negative_prompts": ""}, num_steps=3,
+                             seed=2)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_transformer_option_gives_the_api_image(tmp_path):
+    """The embedded MMDiT converted to Q8_0, then `--transformer` on the command line and in Python."""
+    from keras_sd3.quantization.convert import convert_to_gguf
+
+    path, out = convert_to_gguf("sd3_tiny_shapes", str(tmp_path / "mmdit.gguf"), "Q8_0"), str(tmp_path / "q8.png")
+    assert run_cli("generate", "a red circle on a blue background", "--steps", "3", "--seed", "2",
+                   "--transformer", path, "-o", out) == 0
+    task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes", transformer=path)
+    assert task.backbone.diffuser.transformer_blocks[0].attn.to_q.weight_format.name == "Q8_0"
     expected = task.generate({"prompts": "a red circle on a blue background", "negative_prompts": ""}, num_steps=3,
                              seed=2)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)

@@ -236,3 +236,36 @@ def test_misshaped_tensor_wrong_architecture_and_not_gguf(gguf_transformer, tmp_
     with pytest.raises(CheckpointError, match=r"must be a \.gguf or \.safetensors file"):
         save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "x.bin"))
         StableDiffusion3Backbone.from_preset(folder, transformer=str(tmp_path / "x.bin"))
+
+
+def test_lora_export_and_t5_tokenizer_on_a_gguf_mmdit(tmp_path):
+    """On the embedded model with its MMDiT converted to Q4_0: a LoRA adds its float product on top of the stored
+    kernel and fuse_loras refuses; an export writes the weights gguf-py decodes; `t5=` without a T5 tokenizer
+    is refused before anything is read."""
+    from conftest import embedded_lora
+
+    from keras_sd3.lora.formats import LoraError
+    from keras_sd3.quantization.convert import convert_to_gguf
+    from keras_sd3.weights.export import layer_state_dict
+
+    path = convert_to_gguf("sd3_tiny_shapes", str(tmp_path / "mmdit.gguf"), "Q4_0")
+    backbone = StableDiffusion3Backbone.from_preset("sd3_tiny_shapes", transformer=path)
+    layer = backbone.diffuser.transformer_blocks[0].attn.to_q
+    x = keras.ops.convert_to_tensor(np.random.default_rng(1).standard_normal((1, 5, 128)).astype("float32"))
+    base = keras.ops.convert_to_numpy(layer(x))
+    backbone.load_lora(embedded_lora(tmp_path / "lora.safetensors"), scale=0.5)
+    adapter = next(iter(layer._lora_adapters.values()))
+    delta = keras.ops.convert_to_numpy(adapter(x))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), base + delta, rtol=1e-5, atol=1e-6)
+    assert np.abs(delta).max() > 1e-3
+    with pytest.raises(LoraError, match="quantized layers"):
+        backbone.fuse_loras()
+    backbone.unload_lora(next(iter(backbone.lora_names)))
+    tensors = open_checkpoint("sd3_tiny_shapes", transformer=path).mmdit.tensors
+    state = layer_state_dict(backbone.diffuser)
+    assert sorted(state) == sorted(tensors.keys())
+    for key in ("transformer_blocks.0.attn.to_q.weight", "transformer_blocks.1.ff.net.2.weight", "pos_embed.pos_embed"):
+        np.testing.assert_array_equal(state[key], tensors.read_float(key), err_msg=key)
+    (tmp_path / "t5.gguf").write_bytes(b"never read")
+    with pytest.raises(CheckpointError, match=r"needs T5's tokenizer, and .*sd3_tiny_shapes has none"):
+        StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes", t5=str(tmp_path / "t5.gguf"))

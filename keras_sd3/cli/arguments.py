@@ -1,6 +1,7 @@
 """What the commands of `keras-sd3` share: constants and argparse types (no Keras import here)."""
 
 import argparse
+import os
 
 from keras_sd3 import keras_backend
 
@@ -82,7 +83,8 @@ def quantize_mode(text):
 
 
 def add_model_arguments(command):
-    """`--model`, `--backend`, `--dtype` and `--quantize`: which model every command loads, and how."""
+    """`--model`, `--backend`, `--dtype`, `--quantize`, `--transformer` and `--t5`: which model every
+    command loads, and how (`load_options`)."""
     command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
                          "(default: %(default)s)")
     command.add_argument("--backend", choices=keras_backend.BACKENDS,
@@ -91,3 +93,21 @@ def add_model_arguments(command):
     command.add_argument("--quantize", type=quantize_mode, metavar="MODE", help="int8 or int4 weights for the MMDiT "
                          "and text encoders (Keras quantization, weight-only), or PART=MODE,... with parts mmdit, "
                          "clip_l, clip_g, t5 (default: the float dtype)")
+    command.add_argument("--transformer", type=weights_file, metavar="PATH", help="the MMDiT from this .gguf "
+                         "(city96's Q8_0, Q4_0, ...) or .safetensors file (e.g. ComfyUI's fp8), the rest from --model")
+    command.add_argument("--t5", type=weights_file, metavar="PATH", help="the T5-XXL encoder from this .gguf or "
+                         ".safetensors file (e.g. t5xxl_fp8_e4m3fn.safetensors)")
+
+
+def weights_file(text):
+    """A `--transformer` / `--t5` path: an existing .gguf or .safetensors file."""
+    if not text.lower().endswith((".gguf", ".safetensors")):
+        raise argparse.ArgumentTypeError(f"must be a .gguf or .safetensors file, got {text!r}")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text
+
+
+def load_options(args):
+    """The `from_preset` keyword arguments of `add_model_arguments`' options."""
+    return dict(dtype=args.dtype, quantize=args.quantize, transformer=args.transformer, t5=args.t5)

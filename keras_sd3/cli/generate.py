@@ -7,7 +7,7 @@ import warnings
 
 from keras_sd3 import media
 from keras_sd3.errors import UsageError
-from keras_sd3.cli.arguments import MAX_SEED
+from keras_sd3.cli.arguments import MAX_SEED, load_options
 
 
 def picture_size(path, option):
@@ -131,12 +131,12 @@ def load_task(args, size):
     image_shape = None if size is None else (*size, 3)
     if args.command == "control":
         nets = [path for path, _ in args.controlnet]
-        task = models.StableDiffusion3ControlNet.from_preset(args.model, nets, image_shape=image_shape, dtype=args.dtype,
-                                                             quantize=args.quantize)
+        task = models.StableDiffusion3ControlNet.from_preset(args.model, nets, image_shape=image_shape,
+                                                             **load_options(args))
     else:
         task_class = {"generate": models.StableDiffusion3TextToImage, "img2img": models.StableDiffusion3ImageToImage,
                       "inpaint": models.StableDiffusion3Inpaint}[args.command]
-        task = task_class.from_preset(args.model, image_shape=image_shape, dtype=args.dtype, quantize=args.quantize)
+        task = task_class.from_preset(args.model, image_shape=image_shape, **load_options(args))
     for index, (path, scale) in enumerate(args.lora):
         task.backbone.load_lora(path, scale=scale, name=f"{index + 1}-{os.path.basename(path)}")
     return task

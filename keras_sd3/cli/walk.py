@@ -8,7 +8,7 @@
 import secrets
 
 from keras_sd3 import media
-from keras_sd3.cli.arguments import MAX_SEED, add_mesh_argument, add_model_arguments, number, parse_size
+from keras_sd3.cli.arguments import MAX_SEED, add_mesh_argument, add_model_arguments, load_options, number, parse_size
 from keras_sd3.cli.generate import use_mesh
 from keras_sd3.errors import UsageError
 
@@ -58,8 +58,7 @@ def walk(args, kind):
 
     use_mesh(args.mesh)
     image_shape = None if args.size is None else (*args.size, 3)
-    task = models.StableDiffusion3TextToImage.from_preset(args.model, image_shape=image_shape, dtype=args.dtype,
-                                                          quantize=args.quantize)
+    task = models.StableDiffusion3TextToImage.from_preset(args.model, image_shape=image_shape, **load_options(args))
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     options = dict(num_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size, progress=True,
                    negative_prompt=args.negative, seed=seed)

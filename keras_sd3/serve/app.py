@@ -8,6 +8,7 @@ Every 422 has FastAPI's shape: `{"detail": [{"loc": ["body", field], "msg": ...,
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -203,7 +204,7 @@ async def lifespan(app):
 
     state, settings = app.state, app.state.settings
     os.makedirs(os.path.join(settings["outputs"], "images"), exist_ok=True)
-    state.tasks = await run_in_threadpool(TaskCache, settings["model"], settings["dtype"], settings["quantize"])
+    state.tasks = await run_in_threadpool(functools.partial(TaskCache, settings["model"], **settings["load"]))
     state.size_rule = image_size_rule(state.tasks.backbone.mmdit_config, state.tasks.backbone.vae_config)
     state.backend = backend_name()
     state.store = JobStore(os.path.join(settings["outputs"], "jobs.sqlite3"))
@@ -219,7 +220,7 @@ async def lifespan(app):
 
 
 def create_app(model="sd3_tiny_shapes", outputs="outputs", max_batch=4, api_key=None, start_worker=True,
-               dtype="float32", quantize=None):
+               **load):
     """The FastAPI app of `keras-sd3 serve`; the model is loaded when the app starts (its lifespan).
 
     Args:
@@ -228,15 +229,15 @@ def create_app(model="sd3_tiny_shapes", outputs="outputs", max_batch=4, api_key=
         max_batch: at most this many images per `generate()` call.
         api_key: if set, every /api/v1 route needs it (`Authorization: Bearer KEY` or `?access_token=KEY`).
         start_worker: False leaves the jobs queued (`app.state.worker.start()` starts it later; for tests).
-        dtype: the model's dtype ("float32", "bfloat16", ...).
-        quantize: None, "int8" / "int4" or {part: mode}, as `from_preset`'s (`--quantize`).
+        **load: `from_preset`'s keyword arguments `dtype`, `quantize`, `transformer`, `t5` (`--dtype`,
+            `--quantize`, `--transformer`, `--t5`).
 
     Returns:
         A FastAPI app: the API under /api/v1, the page at / and /static.
     """
     app = FastAPI(title="keras-sd3", description="Stable Diffusion 3 with Keras 3", lifespan=lifespan)
     app.state.settings = dict(model=model, outputs=os.path.abspath(outputs), max_batch=max_batch,
-                              start_worker=start_worker, dtype=dtype, quantize=quantize)
+                              start_worker=start_worker, load=load)
     app.state.outputs, app.state.api_key = app.state.settings["outputs"], api_key
     app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -52,13 +52,12 @@ class TaskCache:
 
     Args:
         model: a preset name, a diffusers folder or a .safetensors file.
-        dtype: the backbone's dtype ("float32", "bfloat16", ...).
-        quantize: None, "int8" / "int4" or {part: mode} (`from_preset`'s).
+        **load: `from_preset`'s keyword arguments (`dtype`, `quantize`, `transformer`, `t5`).
     """
 
-    def __init__(self, model, dtype="float32", quantize=None):
+    def __init__(self, model, **load):
         self.model = model
-        base = StableDiffusion3TextToImage.from_preset(model, dtype=dtype, quantize=quantize)
+        base = StableDiffusion3TextToImage.from_preset(model, **load)
         self.backbone, self.preprocessor, self.defaults = base.backbone, base.preprocessor, base.defaults
         self.native_size = tuple(self.backbone.image_shape[:2])
         self._tasks = {("text-to-image", *self.native_size): base}

@@ -9,13 +9,10 @@ loop, so changing them, the prompts or the step count never recompiles.
 import numpy as np
 from keras import ops
 
-from keras_sd3 import presets
-from keras_sd3.models.backbone import StableDiffusion3Backbone
 from keras_sd3.models.controlnet import SD3ControlNet
 from keras_sd3.tasks.inputs import batch_images, check_num_steps
 from keras_sd3.tasks.loop import CompiledSteps, sampler_step
-from keras_sd3.tasks.task import GenerationTask, split_over_devices
-from keras_sd3.text.preprocessor import StableDiffusion3TextToImagePreprocessor
+from keras_sd3.tasks.task import GenerationTask, load_parts, split_over_devices
 
 INPUT_KEYS = ("prompts", "negative_prompts", "control_images")
 
@@ -174,14 +171,10 @@ class StableDiffusion3ControlNet(GenerationTask):
     def from_preset(cls, source, controlnets, image_shape=None, dtype=None, **kwargs):
         """Loads the backbone and preprocessor (as `GenerationTask.from_preset`) and the ControlNets
         (`SD3ControlNet`s, or paths given to `SD3ControlNet.from_preset`)."""
-        import os
-
-        path, preset = presets.resolve(source)
-        backbone = StableDiffusion3Backbone.from_preset(path, image_shape=image_shape, dtype=dtype, **kwargs)
-        preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(path) if os.path.isdir(path) else None
+        backbone, preprocessor, defaults = load_parts(source, image_shape, dtype, **kwargs)
         nets = controlnets if isinstance(controlnets, (list, tuple)) else [controlnets]
         nets = [net if isinstance(net, SD3ControlNet) else SD3ControlNet.from_preset(net, dtype=dtype) for net in nets]
-        return cls(backbone, preprocessor, nets, presets.generation_defaults(path, preset))
+        return cls(backbone, preprocessor, nets, defaults)
 
     def generate(self, inputs, num_steps=None, guidance_scale=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, seed=None, latents=None, num_images=1,

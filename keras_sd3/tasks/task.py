@@ -45,6 +45,24 @@ def progress_bar(done, total, stream=None, width=30):
     stream.flush()
 
 
+def load_parts(source, image_shape=None, dtype=None, **kwargs):
+    """(backbone, preprocessor or None for a single file, generation defaults) of `source`; `kwargs` go to the
+    backbone's `from_preset`.
+
+    Raises:
+        CheckpointError: `t5=PATH` with a folder that has no T5 tokenizer (`tokenizer_3/`), before any weight is read.
+    """
+    from keras_sd3.errors import CheckpointError
+
+    path, preset = presets.resolve(source)
+    preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(path) if os.path.isdir(path) else None
+    if kwargs.get("t5") is not None and preprocessor is not None and preprocessor.t5_tokenizer is None:
+        raise CheckpointError(f"t5={kwargs['t5']!r} needs T5's tokenizer, and {path} has none (no tokenizer_3/): use a "
+                              "source with T5 (e.g. an SD3 folder with text_encoder_3/ and tokenizer_3/).")
+    backbone = StableDiffusion3Backbone.from_preset(path, image_shape=image_shape, dtype=dtype, **kwargs)
+    return backbone, preprocessor, presets.generation_defaults(path, preset)
+
+
 class GenerationTask:
     """Base of `StableDiffusion3TextToImage`, `...ImageToImage` and `...Inpaint`.
 
@@ -68,10 +86,7 @@ class GenerationTask:
         """Loads the backbone and the preprocessor from a diffusers folder, a single file or a preset
         name (see the backbone's `from_preset`). The generation defaults are the folder's own
         (`model_index.json`'s "_keras_sd3" block), else the preset's (`presets.generation_defaults`)."""
-        path, preset = presets.resolve(source)
-        backbone = StableDiffusion3Backbone.from_preset(path, image_shape=image_shape, dtype=dtype, **kwargs)
-        preprocessor = StableDiffusion3TextToImagePreprocessor.from_preset(path) if os.path.isdir(path) else None
-        return cls(backbone, preprocessor, presets.generation_defaults(path, preset))
+        return cls(*load_parts(source, image_shape, dtype, **kwargs))
 
     def settings(self, num_steps, guidance_scale, skip_layer_guidance):
         """The given values, else this task's `defaults`, else KerasHub's (guidance 7, no SLG), checked.
