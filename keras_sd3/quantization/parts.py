@@ -41,7 +41,7 @@ def quantize_while_loading(backbone, modes, config=None):
     """The `loaded` hook of `load_layer_weights` that quantizes each selected layer of `backbone` (for
     `modes`, {part: mode}) as soon as its float kernel holds the checkpoint's tensor, or None for no
     quantization."""
-    from keras_sd3.weights.assign import forget_pending
+    from keras_sd3.weights.assign import forget_pending, release_freed_memory
 
     layers = {id(layer._kernel): (layer, mode) for part, mode in modes.items()
               for layer in selected_layers(backbone, part)}
@@ -53,6 +53,7 @@ def quantize_while_loading(backbone, modes, config=None):
         if layer is not None:
             forget_pending(variable)
             layer.quantize(mode, config=resolve_config(mode, config))
+            release_freed_memory()  # (the float kernel just freed)
 
     return loaded
 

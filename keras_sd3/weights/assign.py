@@ -7,6 +7,10 @@ checkpoints. A layer may rename an attribute through a class dict `checkpoint_al
 (e.g. `{"proj_in": "net.0.proj"}`).
 """
 
+import ctypes
+import ctypes.util
+import functools
+
 import keras
 import numpy as np
 from keras.src.backend.common import global_state
@@ -147,6 +151,27 @@ def load_layer_weights(layer, source, what="checkpoint", loaded=None, store=None
         del value
         if loaded is not None:
             loaded(var)
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc
+        return None
+
+
+def release_freed_memory():
+    """Hands the C heap's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere).
+
+    Quantized loading frees a float kernel of 5-50 MB for every layer it quantizes. glibc serves
+    blocks below its mmap threshold from its heaps, and raises that threshold to the size of each
+    mapped block freed (up to 32 MB), so the freed kernels become holes in a heap that never shrinks:
+    loading SD3 Medium in int8 on torch peaked at 4.14 GiB instead of 2.42 (the int8 model is 2.16).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _pending():
