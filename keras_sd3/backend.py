@@ -321,6 +321,20 @@ def _attention_on_cpu(q, k, v, scale=None):
     return ops.transpose(ops.reshape(out, (batch, heads, length, dim)), (0, 2, 1, 3))
 
 
+def is_traced(x):
+    """Whether `x` belongs to a program being traced (jax.jit, tf.function); torch is always eager."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    return False
+
+
 def compile_function(model, function):
     """`function(*args)` compiled once per input signature, reading `model`'s variables.
 

@@ -150,10 +150,16 @@ class CompiledSteps:
         return program(as_tensors(token_ids), as_tensors(negative_token_ids))
 
     def encode(self, images):
-        return self._program("encode", self.backbone.encode_image_step)(ops.convert_to_tensor(images, "float32"))
+        images = ops.convert_to_tensor(images, "float32")
+        if self.backbone.uses_vae_tiles(tuple(images.shape), decode=False):
+            return self.backbone.encode_image_step(images)  # (one compiled program per tile shape)
+        return self._program("encode", self.backbone.encode_image_step)(images)
 
     def decode(self, latents):
-        return self._program("decode", self.backbone.decode_step)(ops.convert_to_tensor(latents, "float32"))
+        latents = ops.convert_to_tensor(latents, "float32")
+        if self.backbone.uses_vae_tiles(tuple(latents.shape)):
+            return self.backbone.decode_step(latents)  # (one compiled program per tile shape)
+        return self._program("decode", self.backbone.decode_step)(latents)
 
 
 def scalar(value, dtype):

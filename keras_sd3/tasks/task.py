@@ -185,9 +185,12 @@ class GenerationTask:
         Returns uint8 images or float32 latents (`output`)."""
         guidance, total = scalar(guidance_scale, "float32"), scalar(num_steps, "int32")
         state = initial_state(latents, cache_shape, self.backbone.compute_dtype)
+        tiles = self.backbone.uses_vae_tiles(tuple(latents.shape))  # (decoded after the loop, a tile at a time)
         if callback is None and not progress:
             state, decoded = program(state, *inputs, scalar(start, "int32"), total, total, guidance,
-                                     decode=output == "images", **options)
+                                     decode=output == "images" and not tiles, **options)
+            if output == "images" and tiles:
+                decoded = self.compiled.decode(state[0])
         else:
             for step in range(start, num_steps):
                 state, _ = program(state, *inputs, scalar(step, "int32"), scalar(step + 1, "int32"), total,
