@@ -183,6 +183,8 @@ def model_never_loads(monkeypatch):
         (["walk", "x", "--quantize", "vae=int8"], "PART one of mmdit, clip_l, clip_g, t5"),
         (["generate", "x", "--transformer", "{text}"], "--transformer must be a .gguf or .safetensors file, got"),
         (["walk", "x", "--t5", "{folder}/t5.gguf"], "t5.gguf' does not exist"),
+        (["generate", "x", "--vae-tiling", "60"], "--vae-tiling must be a tile size in pixels, a positive multiple of 8"),
+        (["walk", "x", "--vae-tiling", "big"], "--vae-tiling must be a tile size in pixels"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_before_loading(args, message, picture, tmp_path, capsys,
@@ -323,6 +325,20 @@ def test_transformer_option_gives_the_api_image(tmp_path):
     expected = task.generate({"prompts": "a red circle on a blue background", "negative_prompts": ""}, num_steps=3,
                              seed=2)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_vae_tiling_option_gives_the_api_image(tmp_path):
+    """`--vae-tiling 32` decodes the embedded model's 64 x 64 pictures on 3 x 3 overlapping tiles, as the API."""
+    out = str(tmp_path / "tiled.png")
+    assert run_cli("generate", "a red circle on a blue background", "--steps", "3", "--seed", "2",
+                   "--vae-tiling", "32", "-o", out) == 0
+    task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes", vae_tiling=32)
+    assert task.backbone.vae_tiling.tile_sample_size == 32 and task.backbone.uses_vae_tiles((1, 16, 16, 16))
+    inputs = {"prompts": "a red circle on a blue background", "negative_prompts": ""}
+    expected = task.generate(inputs, num_steps=3, seed=2)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
+    task.backbone.disable_vae_tiling()
+    assert np.abs(task.generate(inputs, num_steps=3, seed=2).astype(int) - expected.astype(int)).max() > 0
 
 
 def test_mesh_needs_the_devices_and_jax(tmp_path, capsys, model_never_loads):

@@ -390,6 +390,9 @@ def test_cli_serve_starts_uvicorn_with_the_app_and_warns_on_a_public_address(tmp
     assert "serving on 0.0.0.0, not only on this machine: API calls need the key" in capsys.readouterr().err
     assert cli.main(["serve", "--outputs", str(tmp_path / "out")]) == 0
     assert started["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    assert started["app"].state.settings["load"]["vae_tiling"] is None
+    assert cli.main(["serve", "--vae-tiling", "--outputs", str(tmp_path / "out")]) == 0
+    assert started["app"].state.settings["load"]["vae_tiling"] == 512  # (every job's task is loaded with it)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--max-batch", "0"])
     assert exit_.value.code == 2

@@ -83,7 +83,7 @@ def quantize_mode(text):
 
 
 def add_model_arguments(command):
-    """`--model`, `--backend`, `--dtype`, `--quantize`, `--transformer` and `--t5`: which model every
+    """`--model`, `--backend`, `--dtype`, `--quantize`, `--transformer`, `--t5` and `--vae-tiling`: which model every
     command loads, and how (`load_options`)."""
     command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
                          "(default: %(default)s)")
@@ -97,6 +97,9 @@ def add_model_arguments(command):
                          "(city96's Q8_0, Q4_0, ...) or .safetensors file (e.g. ComfyUI's fp8), the rest from --model")
     command.add_argument("--t5", type=weights_file, metavar="PATH", help="the T5-XXL encoder from this .gguf or "
                          ".safetensors file (e.g. t5xxl_fp8_e4m3fn.safetensors)")
+    command.add_argument("--vae-tiling", type=tile_size, nargs="?", const=512, metavar="SIZE",
+                         help="encode and decode pictures larger than SIZE pixels (default 512) on overlapping tiles, "
+                         "as diffusers' vae.enable_tiling(): big pictures in small memory")
 
 
 def weights_file(text):
@@ -108,6 +111,18 @@ def weights_file(text):
     return text
 
 
+def tile_size(text):
+    """A `--vae-tiling` size: a positive multiple of 8 pixels."""
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 8 or size % 8:
+        raise argparse.ArgumentTypeError(f"must be a tile size in pixels, a positive multiple of 8 (e.g. 512), got {text!r}")
+    return size
+
+
 def load_options(args):
     """The `from_preset` keyword arguments of `add_model_arguments`' options."""
-    return dict(dtype=args.dtype, quantize=args.quantize, transformer=args.transformer, t5=args.t5)
+    return dict(dtype=args.dtype, quantize=args.quantize, transformer=args.transformer, t5=args.t5,
+                vae_tiling=args.vae_tiling)

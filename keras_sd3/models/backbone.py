@@ -115,7 +115,7 @@ class StableDiffusion3Backbone(keras.Model):
 
     @classmethod
     def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=None, quantize=None,
-                    quantization_config=None, transformer=None, t5=None):
+                    quantization_config=None, transformer=None, t5=None, vae_tiling=None):
         """Builds the backbone and loads its weights from a diffusers folder or a single `.safetensors` file.
 
         Text encoders are loaded when the checkpoint has them (`text_encoder*/` folders, or the
@@ -134,9 +134,12 @@ class StableDiffusion3Backbone(keras.Model):
         GGUF block type or float8 stay so in memory, decoded inside each product
         (`keras_sd3.quantization.stored`); `quantize` then applies to the other layers.
 
+        `vae_tiling`: None (off), True (512 px tiles) or a tile size in pixels: `enable_vae_tiling`.
+
         Raises:
             CheckpointError: the source is not an SD3 checkpoint, or a tensor is missing, unexpected
                 or mis-shaped (the message names it).
+            ValueError: a bad `quantize` or `vae_tiling` (before any weight is read).
         """
         from keras_sd3.weights.checkpoint import open_checkpoint  # (keras_sd3.weights imports the model configs)
 
@@ -147,6 +150,9 @@ class StableDiffusion3Backbone(keras.Model):
             raise ValueError("Keras' int8 quantization does not work with the float16 compute dtype (it overflows); "
                              "load with dtype='bfloat16', 'float32' or 'mixed_bfloat16' to quantize to int8.")
         checkpoint = open_checkpoint(source, transformer=transformer, t5=t5)
+        tiling = None if vae_tiling in (None, False) else VAETiling(512 if vae_tiling is True else vae_tiling)
+        if tiling is not None:
+            tiling.check(checkpoint.vae.config.downsample_factor)
         parts = {name: getattr(checkpoint, name) for name in TEXT_ENCODERS}
 
         def build():
@@ -169,7 +175,10 @@ class StableDiffusion3Backbone(keras.Model):
                     load_layer_weights(getattr(backbone, name), part.tensors, what, loaded, store)
             backbone._lay_out()  # quantized and stored variables' layouts under a keras.distribution
 
-        return build_then_load(build, load)
+        backbone = build_then_load(build, load)
+        if tiling is not None:
+            backbone.enable_vae_tiling(tiling.tile_sample_size)
+        return backbone
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantizes the large matrix products of the MMDiT and the text encoders with Keras' int8 /

@@ -52,7 +52,7 @@ class TaskCache:
 
     Args:
         model: a preset name, a diffusers folder or a .safetensors file.
-        **load: `from_preset`'s keyword arguments (`dtype`, `quantize`, `transformer`, `t5`).
+        **load: `from_preset`'s keyword arguments (`dtype`, `quantize`, `transformer`, `t5`, `vae_tiling`).
     """
 
     def __init__(self, model, **load):
