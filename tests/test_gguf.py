@@ -120,9 +120,16 @@ def test_transformer_matches_diffusers_gguf(gguf_transformer, monkeypatch):
     assert_close(ours, reference_velocity(diffusers_from_gguf(path, folder), *inputs), rel=1e-4)  # measured: jax 2e-6, torch 4.8e-7, tensorflow 2.3e-6
 
 
-def test_weights_stay_in_blocks_and_decode_as_gguf_py(gguf_transformer):
+@pytest.mark.parametrize("rows", [None, 8])
+def test_weights_stay_in_blocks_and_decode_as_gguf_py(gguf_transformer, rows, monkeypatch):
     """Each Linear weight of a block type is held as its uint8 blocks (a fused qkv as three parts), and decodes
-    inside keras (`stored_weight`) to gguf-py's `dequantize` of those bytes, bit for bit."""
+    inside keras (`stored_weight`) to gguf-py's `dequantize` of those bytes, bit for bit; also when decoded
+    `rows` rows at a time, as torch decodes large matrices (`stored.TORCH_ROWS`)."""
+    from keras_sd3.quantization import stored as stored_module
+
+    if rows is not None:
+        monkeypatch.setattr(stored_module, "_TORCH", True)
+        monkeypatch.setattr(stored_module, "TORCH_ROWS", rows)
     folder, path, types, backbone = gguf_transformer
     tensors = open_checkpoint(folder, transformer=path).mmdit.tensors
     stored = {layer._kernel.path: layer for layer in backbone.diffuser._flatten_layers()

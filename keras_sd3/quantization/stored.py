@@ -18,6 +18,7 @@ variables are not in the layout tables; use Keras int8 / int4 to split a quantiz
 
 import functools
 
+import keras
 import ml_dtypes
 import numpy as np
 from keras import ops
@@ -25,6 +26,8 @@ from keras import ops
 from keras_sd3 import backend
 from keras_sd3.quantization.linear import _young_collections
 from keras_sd3.weights.forms import FLOAT8, Float8, GGUFBlocks
+
+_TORCH = keras.config.backend() == "torch"
 
 
 def _add(layer, name, value, dtype):
@@ -84,19 +87,29 @@ def _float8_values(dtype):
     return np.arange(256, dtype=np.uint8).view(getattr(ml_dtypes, dtype)).astype(np.float32)
 
 
-def stored_weight(layer):
-    """The (out, in) float32 weight of a stored `Linear`, decoded from its variables."""
+# torch runs eagerly: a GGUF matrix is decoded this many rows at a time (a multiple of 4, so that each
+# slice of its bytes stays 4-byte aligned), bounding the int32 / float32 temporaries of the decoder to
+# a slice (decoding SD3.5 Large's 2432 x 14592 adaLN matrix whole takes ~0.7 GB of them).
+TORCH_ROWS = 1024
+
+
+def stored_weight(layer, dtype="float32"):
+    """The (out, in) weight of a stored `Linear` in `dtype`, decoded (in float32) from its variables."""
     from keras_sd3.quantization import ggml
 
     form, raw = layer.weight_format, layer._kernel.value
     if isinstance(form, GGUFBlocks):
-        return ggml.dequantize(raw, form.ggml_type, layer.weight_shape)
+        rows, columns = layer.weight_shape
+        step = TORCH_ROWS if _TORCH else rows
+        parts = [backend.cast(ggml.dequantize(raw[i : i + step], form.ggml_type, (min(step, rows - i), columns)), dtype)
+                 for i in range(0, rows, step)]
+        return parts[0] if len(parts) == 1 else backend.concatenate(parts, axis=0)
     values = ops.take(ops.convert_to_tensor(_float8_values(form.dtype)), ops.cast(raw, "int32"), axis=0)
-    return values * layer.kernel_fp8_scale.value
+    return backend.cast(values * layer.kernel_fp8_scale.value, dtype)
 
 
 def stored_linear(layer, x):
     """`x @ W.T + b` for a `Linear` whose weight `W` is stored (see the module docstring)."""
-    weight = backend.cast(stored_weight(layer), layer.compute_dtype)
+    weight = stored_weight(layer, layer.compute_dtype)
     bias = None if layer.bias is None else layer.bias.value
     return backend.linear(x, ops.transpose(weight), bias)
