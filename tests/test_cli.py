@@ -328,11 +328,15 @@ def test_transformer_option_gives_the_api_image(tmp_path):
 
 
 def test_vae_tiling_option_gives_the_api_image(tmp_path):
-    """`--vae-tiling 32` decodes the embedded model's 64 x 64 pictures on 3 x 3 overlapping tiles, as the API."""
+    """`--vae-tiling 32` decodes the embedded model's 64 x 64 pictures on 3 x 3 overlapping tiles, as the API;
+    `--text-encoders-on-cpu` changes no pixel."""
     out = str(tmp_path / "tiled.png")
     assert run_cli("generate", "a red circle on a blue background", "--steps", "3", "--seed", "2",
                    "--vae-tiling", "32", "-o", out) == 0
     task = StableDiffusion3TextToImage.from_preset("sd3_tiny_shapes", vae_tiling=32)
+    assert run_cli("generate", "a red circle on a blue background", "--steps", "3", "--seed", "2",
+                   "--vae-tiling", "32", "--text-encoders-on-cpu", "-o", str(tmp_path / "cpu.png")) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cpu.png")), np.asarray(Image.open(out)))
     assert task.backbone.vae_tiling.tile_sample_size == 32 and task.backbone.uses_vae_tiles((1, 16, 16, 16))
     inputs = {"prompts": "a red circle on a blue background", "negative_prompts": ""}
     expected = task.generate(inputs, num_steps=3, seed=2)

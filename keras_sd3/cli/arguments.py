@@ -83,7 +83,7 @@ def quantize_mode(text):
 
 
 def add_model_arguments(command):
-    """`--model`, `--backend`, `--dtype`, `--quantize`, `--transformer`, `--t5` and `--vae-tiling`: which model every
+    """`--model`, `--backend`, `--dtype`, `--quantize`, `--transformer`, `--t5`, `--vae-tiling` and `--text-encoders-on-cpu`: which model every
     command loads, and how (`load_options`)."""
     command.add_argument("--model", default=DEFAULT_MODEL, help="preset, diffusers folder or .safetensors file "
                          "(default: %(default)s)")
@@ -100,6 +100,8 @@ def add_model_arguments(command):
     command.add_argument("--vae-tiling", type=tile_size, nargs="?", const=512, metavar="SIZE",
                          help="encode and decode pictures larger than SIZE pixels (default 512) on overlapping tiles, "
                          "as diffusers' vae.enable_tiling(): big pictures in small memory")
+    command.add_argument("--text-encoders-on-cpu", action="store_true", help="keep CLIP-L, CLIP-G and T5 on the "
+                         "host CPU, the MMDiT and the VAE on the accelerator (only the embeddings cross over)")
 
 
 def weights_file(text):
@@ -125,4 +127,4 @@ def tile_size(text):
 def load_options(args):
     """The `from_preset` keyword arguments of `add_model_arguments`' options."""
     return dict(dtype=args.dtype, quantize=args.quantize, transformer=args.transformer, t5=args.t5,
-                vae_tiling=args.vae_tiling)
+                vae_tiling=args.vae_tiling, text_encoders_device="cpu" if args.text_encoders_on_cpu else None)

@@ -13,6 +13,7 @@ from keras_sd3 import backend, sampling
 from keras_sd3.models.clip import CLIPConfig, CLIPTextEncoder
 from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
+from keras_sd3.models.placement import check_text_encoders_device, device_scope
 from keras_sd3.models.t5 import T5Config, T5Encoder
 from keras_sd3.models.tiling import VAETiling, needs_tiles, tiled
 from keras_sd3.models.vae import VAE
@@ -115,7 +116,8 @@ class StableDiffusion3Backbone(keras.Model):
 
     @classmethod
     def from_preset(cls, source, image_shape=None, dtype=None, t5_zero_tokens=None, quantize=None,
-                    quantization_config=None, transformer=None, t5=None, vae_tiling=None):
+                    quantization_config=None, transformer=None, t5=None, vae_tiling=None,
+                    text_encoders_device=None):
         """Builds the backbone and loads its weights from a diffusers folder or a single `.safetensors` file.
 
         Text encoders are loaded when the checkpoint has them (`text_encoder*/` folders, or the
@@ -136,10 +138,15 @@ class StableDiffusion3Backbone(keras.Model):
 
         `vae_tiling`: None (off), True (512 px tiles) or a tile size in pixels: `enable_vae_tiling`.
 
+        `text_encoders_device`: None (with the rest), or a device name ("cpu", "cpu:0") or a backend
+        device object (`jax.devices("cpu")[0]`) where CLIP-L, CLIP-G and T5 live and run while the
+        MMDiT and the VAE stay on the accelerator (`keras_sd3.models.placement`).
+
         Raises:
             CheckpointError: the source is not an SD3 checkpoint, or a tensor is missing, unexpected
                 or mis-shaped (the message names it).
-            ValueError: a bad `quantize` or `vae_tiling` (before any weight is read).
+            ValueError: a bad `quantize`, `vae_tiling` or `text_encoders_device`, or a
+                `text_encoders_device` under a `keras.distribution` (before any weight is read).
         """
         from keras_sd3.weights.checkpoint import open_checkpoint  # (keras_sd3.weights imports the model configs)
 
@@ -149,6 +156,7 @@ class StableDiffusion3Backbone(keras.Model):
         if "int8" in modes.values() and keras.dtype_policies.get(dtype or keras.config.dtype_policy()).compute_dtype == "float16":
             raise ValueError("Keras' int8 quantization does not work with the float16 compute dtype (it overflows); "
                              "load with dtype='bfloat16', 'float32' or 'mixed_bfloat16' to quantize to int8.")
+        check_text_encoders_device(text_encoders_device)
         checkpoint = open_checkpoint(source, transformer=transformer, t5=t5)
         tiling = None if vae_tiling in (None, False) else VAETiling(512 if vae_tiling is True else vae_tiling)
         if tiling is not None:
@@ -172,10 +180,12 @@ class StableDiffusion3Backbone(keras.Model):
             for name, part in parts.items():
                 if part is not None:
                     what = f"T5 encoder {t5}" if name == "t5" and t5 else f"{name} encoder of {checkpoint.path}"
-                    load_layer_weights(getattr(backbone, name), part.tensors, what, loaded, store)
+                    with device_scope(text_encoders_device):
+                        load_layer_weights(getattr(backbone, name), part.tensors, what, loaded, store)
             backbone._lay_out()  # quantized and stored variables' layouts under a keras.distribution
 
         backbone = build_then_load(build, load)
+        backbone.text_encoders_device = text_encoders_device
         if tiling is not None:
             backbone.enable_vae_tiling(tiling.tile_sample_size)
         return backbone
@@ -340,6 +350,7 @@ class StableDiffusion3Backbone(keras.Model):
         return positive, negative, positive_pooled, negative_pooled
 
     vae_tiling = None  # a `tiling.VAETiling` while tiling is on
+    text_encoders_device = None  # where the text encoders live and run (None: with the rest)
 
     def enable_vae_tiling(self, tile_sample_size=512, overlap=0.25):
         """Encodes and decodes pictures larger than `tile_sample_size` pixels on overlapping tiles, as

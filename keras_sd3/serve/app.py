@@ -229,8 +229,8 @@ def create_app(model="sd3_tiny_shapes", outputs="outputs", max_batch=4, api_key=
         max_batch: at most this many images per `generate()` call.
         api_key: if set, every /api/v1 route needs it (`Authorization: Bearer KEY` or `?access_token=KEY`).
         start_worker: False leaves the jobs queued (`app.state.worker.start()` starts it later; for tests).
-        **load: `from_preset`'s keyword arguments `dtype`, `quantize`, `transformer`, `t5`, `vae_tiling`
-            (`--dtype`, `--quantize`, `--transformer`, `--t5`, `--vae-tiling`: for every job).
+        **load: `from_preset`'s keyword arguments (`load_options`: `--dtype`, `--quantize`, `--transformer`,
+            `--t5`, `--vae-tiling`, `--text-encoders-on-cpu`; for every job).
 
     Returns:
         A FastAPI app: the API under /api/v1, the page at / and /static.

@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_sd3 import sampling
 from keras_sd3.backend import compile_function
+from keras_sd3.models.placement import Variables, device_scope
 
 
 def initial_state(latents, cache_shape=None, cache_dtype="float32"):
@@ -127,7 +128,7 @@ class CompiledSteps:
         self._variables = variables or backbone
         self._lora_version = getattr(backbone, "lora_version", 0)
 
-    def _program(self, key, function):
+    def _program(self, key, function, variables=None):
         if getattr(self.backbone, "lora_version", 0) != self._lora_version:  # LoRAs added or removed since
             self._programs, self._lora_version = {}, self.backbone.lora_version
         if key not in self._programs:
@@ -136,7 +137,7 @@ class CompiledSteps:
                 self.traces += 1
                 return function(*args)
 
-            self._programs[key] = compile_function(self._variables, counted)
+            self._programs[key] = compile_function(variables or self._variables, counted)
         return self._programs[key]
 
     def __call__(self, *args, **options):
@@ -146,8 +147,16 @@ class CompiledSteps:
     def encode_text(self, token_ids, negative_token_ids):
         """`backbone.encode_text_step`, compiled (one program per batch size and token lengths)."""
         as_tensors = lambda ids: {k: ops.convert_to_tensor(v, "int32") for k, v in ids.items()}  # noqa: E731
-        program = self._program("text", self.backbone.encode_text_step)
-        return program(as_tensors(token_ids), as_tensors(negative_token_ids))
+        backbone = self.backbone
+        if getattr(backbone, "text_encoders_device", None) is None:
+            program = self._program("text", backbone.encode_text_step)
+            return program(as_tensors(token_ids), as_tensors(negative_token_ids))
+        # On their own device: a program reading only the text encoders' variables, run there.
+        program = self._program("text_elsewhere", backbone.encode_text_step,
+                                Variables([backbone.clip_l, backbone.clip_g, backbone.t5]))
+        with device_scope(backbone.text_encoders_device):
+            embeddings = program(as_tensors(token_ids), as_tensors(negative_token_ids))
+        return tuple(ops.convert_to_tensor(e) for e in embeddings)  # (torch: onto the main device; else as is)
 
     def encode(self, images):
         images = ops.convert_to_tensor(images, "float32")
