@@ -69,8 +69,12 @@ def _shards(folder, stem, tensors):
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
-def write_folder(folder):
-    """The random SD3.5 Large folder (skipped if it is there)."""
+def write_folder(folder, mmdit=None, share=None):
+    """A random folder of the real shapes, SD3.5 Large's MMDiT unless `mmdit` says (skipped if it is there).
+
+    With `share` (another such folder), only the MMDiT is written; the text encoders, tokenizers and VAE,
+    the same in every SD3 variant, are links to `share`'s.
+    """
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return
     import keras
@@ -85,13 +89,19 @@ def write_folder(folder):
     clip_l = CLIPConfig(eos_token_id=699)  # (the trained tokenizer's end token; the tables keep the real size)
     clip_g = CLIPConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                         hidden_act="gelu", projection_dim=1280, eos_token_id=699)
+    mmdit = mmdit or SD35_LARGE
     with keras.StatelessScope(initialize_variables=False):  # shapes only
-        backbone = StableDiffusion3Backbone(SD35_LARGE, SD3_VAE, clip_l, clip_g, T5Config(), dtype="bfloat16")
-    parts = {"diffuser": ("transformer", "diffusion_pytorch_model", export.mmdit_diffusers_config(SD35_LARGE)),
+        backbone = StableDiffusion3Backbone(mmdit, SD3_VAE, clip_l, clip_g, T5Config(), dtype="bfloat16")
+    parts = {"diffuser": ("transformer", "diffusion_pytorch_model", export.mmdit_diffusers_config(mmdit)),
              "vae": ("vae", "diffusion_pytorch_model", export.vae_diffusers_config(SD3_VAE, 1024)),
              "clip_l": (TEXT_FOLDERS["clip_l"], "model", export.clip_transformers_config(clip_l)),
              "clip_g": (TEXT_FOLDERS["clip_g"], "model", export.clip_transformers_config(clip_g)),
              "t5": (TEXT_FOLDERS["t5"], "model", {"model_type": "t5", **vars(T5Config())})}
+    if share:
+        os.makedirs(folder, exist_ok=True)
+        for subfolder in [*(p[0] for name, p in parts.items() if name != "diffuser"), *TOKENIZER_FOLDERS.values()]:
+            os.symlink(os.path.abspath(os.path.join(share, subfolder)), os.path.join(folder, subfolder))
+        parts = {"diffuser": parts["diffuser"]}
     for attribute, (subfolder, stem, config) in parts.items():
         path = os.path.join(folder, subfolder)
         os.makedirs(path, exist_ok=True)
@@ -100,14 +110,15 @@ def write_folder(folder):
         _shards(path, stem, tensors)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f)
-    for name in ("clip_l", "clip_g"):
+    for name in () if share else ("clip_l", "clip_g"):
         train_clip_tokenizer(os.path.join(folder, TOKENIZER_FOLDERS[name]), CORPUS,
                              "<|endoftext|>" if name == "clip_l" else "!")
-    t5_folder = os.path.join(folder, TOKENIZER_FOLDERS["t5"])
-    os.makedirs(t5_folder, exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_prefix=os.path.join(t5_folder, "spiece"), vocab_size=40,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    if not share:
+        t5_folder = os.path.join(folder, TOKENIZER_FOLDERS["t5"])
+        os.makedirs(t5_folder, exist_ok=True)
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(CORPUS), model_prefix=os.path.join(t5_folder, "spiece"), vocab_size=40,
+            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusion3Pipeline"}, f)
 
