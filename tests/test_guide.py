@@ -135,5 +135,9 @@ def test_every_latent_walk_guide_cell_runs(guide_environment):
     task = StableDiffusion3TextToImage(namespace["backbone"], namespace["preprocessor"])
     noise = np.asarray(namespace["ops"].convert_to_numpy(namespace["latents"][0][:1]), np.float32)
     expected = task.generate(namespace["prompt"], num_steps=2, guidance_scale=7.0, latents=noise)
-    error = np.abs(namespace["images"][0].astype(int) - expected.astype(int)).max()
-    assert error <= 2, f"cows frame 0 differs from text-to-image by {error} / 255"
+    difference = np.abs(namespace["images"][0].astype(int) - expected.astype(int))
+    # Both run in float16 (the guide's dtype) as two separately compiled programs: a rounding apart per
+    # value, which two steps and the VAE carry to the pixels. Here: max 1-2 / 255 and mean 0.13-0.25 / 255
+    # by backend and CPU (3 / 255 on one CI machine); guidance 6 instead of 7 gives 62 / 255.
+    assert difference.max() <= 4, f"cows frame 0 differs from text-to-image by {difference.max()} / 255"
+    assert difference.mean() <= 0.5, f"cows frame 0 differs from text-to-image by {difference.mean():.2f} / 255 on average"
