@@ -36,8 +36,12 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 from mmdit_step import SD3_MEDIUM_DIFFUSERS, SD3_VAE_DIFFUSERS  # noqa: E402
 
 # keras_sd3-jax-mesh1x1: the keras.distribution code path (ModelParallel on a 1 x 1 mesh), to show it costs nothing.
+# -int8: the same backbone after `backbone.quantize("int8")` (weight-only; issue 26's goal: faster than bfloat16).
 IMPLEMENTATIONS = {"keras_sd3-jax": "jax", "keras_sd3-jax-mesh1x1": "jax", "keras_sd3-torch": "torch",
-                   "diffusers-compile": "torch"}
+                   "diffusers-compile": "torch", "keras_sd3-jax-int8": "jax", "keras_sd3-torch-int8": "torch",
+                   "keras_sd3-jax-text-on-cpu": "jax", "keras_sd3-torch-text-on-cpu": "torch"}
+# -text-on-cpu: `from_preset(text_encoders_device="cpu")` (issue 27); only shapes with text encoders have them.
+TEXT_ONLY = ("keras_sd3-jax-text-on-cpu", "keras_sd3-torch-text-on-cpu")
 TINY_DIFFUSERS = dict(sample_size=32, num_layers=2, num_attention_heads=2, attention_head_dim=32,
                       caption_projection_dim=64, joint_attention_dim=64, pooled_projection_dim=32,
                       pos_embed_max_size=32)
@@ -208,12 +212,31 @@ def _timings(implementation, shape, size, steps, repeats, dtype, folder):
             keras.distribution.set_distribution(mesh_distribution(1, 1))
         from keras_sd3.models import StableDiffusion3TextToImage
 
-        task = (StableDiffusion3TextToImage.from_preset(os.path.join(folder, "reference"), (size, size, 3), dtype)
+        quantize = "int8" if implementation.endswith("-int8") else None
+        placement = {"text_encoders_device": "cpu"} if implementation in TEXT_ONLY else {}
+        task = (StableDiffusion3TextToImage.from_preset(os.path.join(folder, "reference"), (size, size, 3), dtype,
+                                                        quantize=quantize, **placement)
                 if text else StableDiffusion3TextToImage(keras_backbone(pipe, size, dtype)))
+        if quantize and not text:
+            task.backbone.quantize(quantize)
         ours = keras_functions(task, embeddings, noise, steps, text)
     times = {part: dict(zip(("reference", "ours"), timed_pairs(reference[part], ours[part], repeats)))
              for part in ("image", "step", "decode")}
-    return {**times, "attention": attention_path(implementation, dtype)}
+    return {**times, "attention": attention_path(implementation, dtype), "peak_gib": device_peak_gib(implementation)}
+
+
+def device_peak_gib(implementation):
+    """The accelerator's peak bytes in use in this process (diffusers' reference included), GiB."""
+    try:
+        if implementation.startswith("keras_sd3-jax"):
+            import jax
+
+            return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    except Exception:  # (a CPU device has no memory_stats)
+        return None
 
 
 def attention_path(implementation, dtype):
@@ -248,7 +271,8 @@ def environment():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--implementations", nargs="+", default=None, choices=list(IMPLEMENTATIONS),
+                        help="default: all (the -text-on-cpu ones with --shape tiny-text only)")
     parser.add_argument("--shape", default="sd3m", choices=["sd3m", "tiny", "tiny-text"])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
@@ -257,6 +281,10 @@ def main():
     parser.add_argument("--json", help="also write the raw timings here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.implementations is None:
+        args.implementations = [i for i in IMPLEMENTATIONS if args.shape == "tiny-text" or i not in TEXT_ONLY]
+    elif args.shape != "tiny-text" and set(args.implementations) & set(TEXT_ONLY):
+        parser.error(f"{', '.join(TEXT_ONLY)} need text encoders: use --shape tiny-text")
     if args.worker:
         print(json.dumps(worker(args.worker, args.shape, args.size, args.steps, args.repeats, args.dtype)))
         return
@@ -284,7 +312,8 @@ def main():
             cells.append(f"{ratio:.2f}")
         print(f"| {implementation} | " + " | ".join(cells) + " |", flush=True)
     for implementation in args.implementations:
-        print(f"{implementation}: {results.get(implementation, {}).get('attention', 'failed')}")
+        found = results.get(implementation, {})
+        print(f"{implementation}: {found.get('attention', 'failed')}; device peak GiB: {found.get('peak_gib')}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
