@@ -222,21 +222,16 @@ def _timings(implementation, shape, size, steps, repeats, dtype, folder):
         ours = keras_functions(task, embeddings, noise, steps, text)
     times = {part: dict(zip(("reference", "ours"), timed_pairs(reference[part], ours[part], repeats)))
              for part in ("image", "step", "decode")}
-    return {**times, "attention": attention_path(implementation, dtype), "peak_gib": device_peak_gib(implementation)}
+    return {**times, "attention": attention_path(implementation, dtype), "peak_gib": device_peak_gib()}
 
 
-def device_peak_gib(implementation):
-    """The accelerator's peak bytes in use in this process (diffusers' reference included), GiB."""
-    try:
-        if implementation.startswith("keras_sd3-jax"):
-            import jax
+def device_peak_gib():
+    """The accelerator's peak bytes in use in this process (on torch diffusers' reference included), GiB;
+    None without one."""
+    from memory import peak_bytes
 
-            return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    except Exception:  # (a CPU device has no memory_stats)
-        return None
+    found, kind = peak_bytes()
+    return found / 2**30 if kind == "device" else None
 
 
 def attention_path(implementation, dtype):
