@@ -9,13 +9,13 @@ import dataclasses
 import keras
 from keras import ops
 
-from keras_sd3 import backend, sampling
+from keras_sd3 import sampling
 from keras_sd3.models.clip import CLIPConfig, CLIPTextEncoder
 from keras_sd3.models.config import MMDiTConfig, VAEConfig
 from keras_sd3.models.mmdit import MMDiT
 from keras_sd3.models.placement import check_text_encoders_device, device_scope
 from keras_sd3.models.t5 import T5Config, T5Encoder
-from keras_sd3.models.tiling import VAETiling, needs_tiles, tiled
+from keras_sd3.models.tiling import VAETiling, VAETilingMethods
 from keras_sd3.models.vae import VAE
 from keras_sd3.weights.assign import build_then_load, load_layer_weights, set_checkpoint_paths
 
@@ -38,7 +38,7 @@ def _check_image_shape(image_shape, mmdit_config, vae_config):
         )
 
 
-class StableDiffusion3Backbone(keras.Model):
+class StableDiffusion3Backbone(VAETilingMethods, keras.Model):
     """The SD3 / SD3.5 diffusion model (`diffuser`), autoencoder (`vae`) and text encoders.
 
     Args:
@@ -349,38 +349,7 @@ class StableDiffusion3Backbone(keras.Model):
         negative, negative_pooled = self.encode_text(negative_token_ids)
         return positive, negative, positive_pooled, negative_pooled
 
-    vae_tiling = None  # a `tiling.VAETiling` while tiling is on
     text_encoders_device = None  # where the text encoders live and run (None: with the rest)
-
-    def enable_vae_tiling(self, tile_sample_size=512, overlap=0.25):
-        """Encodes and decodes pictures larger than `tile_sample_size` pixels on overlapping tiles, as
-        diffusers' `vae.enable_tiling()` (`keras_sd3.models.tiling`; diffusers' own tile for SD3's VAE
-        is its `sample_size`, 1024: pass 1024 for its pictures). Raises ValueError for a tile that is
-        not a positive multiple of the VAE's factor (8) or an overlap outside [0, 1)."""
-        tiling = VAETiling(tile_sample_size, overlap)
-        tiling.check(self.vae_config.downsample_factor)
-        self.vae_tiling, self._tile_programs = tiling, {}
-
-    def disable_vae_tiling(self):
-        """Back to encoding and decoding whole pictures."""
-        self.vae_tiling = None
-
-    def uses_vae_tiles(self, shape, decode=True):
-        """Whether `decode_step` (or `encode_image_step`, `decode=False`) of a (B, H, W, C) input of
-        `shape` works on tiles: tiling is on and the input is larger than one tile."""
-        return needs_tiles(self.vae_tiling, shape, self.vae_config.downsample_factor, decode)
-
-    def _vae(self, kind, x):
-        """The VAE's `kind` ("decode" / "encode") of unscaled `x`, float32; on tiles where they apply."""
-        run = lambda t: getattr(self.vae, kind)(ops.cast(t, self.compute_dtype))  # noqa: E731
-        decode = kind == "decode"
-        if not self.uses_vae_tiles(tuple(x.shape), decode):
-            return ops.cast(run(x), "float32")
-        if not backend.is_traced(x):  # one compiled program per tile shape
-            if kind not in self._tile_programs:
-                self._tile_programs[kind] = backend.compile_function(self.vae, run)
-            run = self._tile_programs[kind]
-        return tiled(run, x, self.vae_tiling, self.vae_config.downsample_factor, decode)
 
     def encode_image_step(self, images):
         """(B, H, W, 3) images in [-1, 1] -> scaled latents `(mean - shift) * scale`, float32 (on tiles

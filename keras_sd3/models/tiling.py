@@ -18,6 +18,8 @@ import dataclasses
 
 from keras import ops
 
+from keras_sd3 import backend
+
 
 @dataclasses.dataclass(frozen=True)
 class VAETiling:
@@ -94,3 +96,39 @@ def needs_tiles(tiling, shape, factor, decode):
         return False
     limit = tiling.tile_sample_size // factor if decode else tiling.tile_sample_size
     return shape[1] > limit or shape[2] > limit
+
+
+class VAETilingMethods:
+    """The backbone's tiling API (`StableDiffusion3Backbone` mixes it in): its `vae`, `vae_config` and
+    `compute_dtype` are read."""
+
+    vae_tiling = None  # a `VAETiling` while tiling is on
+    def enable_vae_tiling(self, tile_sample_size=512, overlap=0.25):
+        """Encodes and decodes pictures larger than `tile_sample_size` pixels on overlapping tiles, as
+        diffusers' `vae.enable_tiling()` (`keras_sd3.models.tiling`; diffusers' own tile for SD3's VAE
+        is its `sample_size`, 1024: pass 1024 for its pictures). Raises ValueError for a tile that is
+        not a positive multiple of the VAE's factor (8) or an overlap outside [0, 1)."""
+        tiling = VAETiling(tile_sample_size, overlap)
+        tiling.check(self.vae_config.downsample_factor)
+        self.vae_tiling, self._tile_programs = tiling, {}
+
+    def disable_vae_tiling(self):
+        """Back to encoding and decoding whole pictures."""
+        self.vae_tiling = None
+
+    def uses_vae_tiles(self, shape, decode=True):
+        """Whether `decode_step` (or `encode_image_step`, `decode=False`) of a (B, H, W, C) input of
+        `shape` works on tiles: tiling is on and the input is larger than one tile."""
+        return needs_tiles(self.vae_tiling, shape, self.vae_config.downsample_factor, decode)
+
+    def _vae(self, kind, x):
+        """The VAE's `kind` ("decode" / "encode") of unscaled `x`, float32; on tiles where they apply."""
+        run = lambda t: getattr(self.vae, kind)(ops.cast(t, self.compute_dtype))  # noqa: E731
+        decode = kind == "decode"
+        if not self.uses_vae_tiles(tuple(x.shape), decode):
+            return ops.cast(run(x), "float32")
+        if not backend.is_traced(x):  # one compiled program per tile shape
+            if kind not in self._tile_programs:
+                self._tile_programs[kind] = backend.compile_function(self.vae, run)
+            run = self._tile_programs[kind]
+        return tiled(run, x, self.vae_tiling, self.vae_config.downsample_factor, decode)
